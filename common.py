@@ -1,0 +1,197 @@
+"""Plumbing shared by every stage: config parsing, device and DDP setup, checkpoints, logging.
+
+Kept in one place so that sft.py, reward.py and ppo.py differ mainly in their algorithm.
+"""
+import argparse
+import dataclasses
+import inspect
+import json
+import math
+import os
+import re
+import sys
+import time
+import typing
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from model import GPT, GPTConfig
+
+
+# --- config: a dataclass whose field comments become the --help text ---------------------------------------
+def _field_comments(cls):
+    """{field: comment} from lines like `lr: float = 3e-4  # peak learning rate` in the class source."""
+    comments = {}
+    for klass in reversed(cls.__mro__[:-1]):
+        try:
+            src = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        for m in re.finditer(r"^\s+(\w+)\s*:[^=\n]+=[^#\n]*#\s*(.+)$", src, re.M):
+            comments[m.group(1)] = m.group(2).strip()
+    return comments
+
+
+def parse_config(cls, argv=None):
+    """Build the stage's config dataclass from the command line; `--help` lists every field and default."""
+    doc = (sys.modules[cls.__module__].__doc__ or "").strip()
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0] if doc else None,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    comments = _field_comments(cls)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        optional = typing.get_origin(kind) in (typing.Union, getattr(__import__("types"), "UnionType", None)) \
+            and type(None) in typing.get_args(kind)
+        if optional:
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        name = "--" + f.name.replace("_", "-")
+        help_text = comments.get(f.name, " ")
+        if kind is bool:
+            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+        else:
+            parser.add_argument(name, type=kind, default=f.default, help=help_text, dest=f.name)
+    args = parser.parse_args(argv)
+    try:
+        return cls(**vars(args))
+    except ValueError as e:  # __post_init__ validation: one line, exit code 2
+        parser.error(str(e))
+
+
+# --- device, precision, distributed -----------------------------------------------------------------------
+def autodetect_device():
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+class Dist:
+    """Who this process is: rank, world size, device. Single-process runs have rank 0 of 1."""
+
+    def __init__(self, device="auto"):
+        self.ddp = int(os.environ.get("RANK", -1)) != -1  # launched by torchrun
+        self.rank = int(os.environ.get("RANK", 0))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        device = autodetect_device() if device == "auto" else device
+        if self.ddp and device.startswith("cuda"):
+            device = f"cuda:{self.local_rank}"
+            torch.cuda.set_device(device)
+        self.device = device
+        self.device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
+        if self.ddp:
+            dist.init_process_group(backend="nccl" if self.device_type == "cuda" else "gloo")
+        self.master = self.rank == 0
+
+    def autocast(self):
+        """bf16 autocast on CUDA (the matmuls in bf16, reductions in fp32); full fp32 elsewhere."""
+        if self.device_type == "cuda":
+            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    def all_reduce_mean(self, x):
+        """Mean of a tensor over all ranks (identity in a single process)."""
+        if self.ddp:
+            x = x.clone()
+            dist.all_reduce(x, op=dist.ReduceOp.SUM)
+            x /= self.world_size
+        return x
+
+    def barrier(self):
+        if self.ddp:
+            dist.barrier()
+
+    def close(self):
+        if self.ddp:
+            dist.destroy_process_group()
+
+
+def set_seed(seed):
+    torch.manual_seed(seed)
+    import random
+    import numpy as np
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+# --- checkpoints: atomic writes, pickle-free loads ---------------------------------------------------------
+def atomic_save(obj, path):
+    """torch.save to a temporary file in the same directory, fsync, then rename: a crash mid-save leaves
+    the previous file intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(path, model, config, tokenizer, **extra):
+    """Save the model's weights with its architecture, the stage config that made it and the tokenizer
+    name. Refuses non-finite weights, so a diverged run never overwrites a good checkpoint."""
+    model = getattr(model, "module", model)  # unwrap DDP
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise FloatingPointError(f"not saving {path}: non-finite weights in {bad[:3]}")
+    ckpt = {"model": state, "model_config": dataclasses.asdict(model.config),
+            "config": dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config),
+            "tokenizer": tokenizer, **extra}
+    atomic_save(ckpt, path)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load a checkpoint dict without unpickling code (weights_only=True)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def model_from_checkpoint(ckpt, head=None, dropout=None):
+    """Build a GPT from a checkpoint dict. head="scalar" on an LM checkpoint gives a reward/value model
+    with the LM's trunk and a fresh scalar head (the paper's RM init)."""
+    from model import load_lm_into
+    cfg = dict(ckpt["model_config"])
+    if head is not None:
+        cfg["head"] = head
+    if dropout is not None:
+        cfg["dropout"] = dropout
+    model = GPT(GPTConfig(**cfg))
+    load_lm_into(model, ckpt["model"])
+    return model
+
+
+# --- logging -----------------------------------------------------------------------------------------------
+class RunLog:
+    """Metrics as JSON lines in out_dir/metrics.jsonl and one fixed-format line per logged step."""
+
+    def __init__(self, out_dir, enabled=True):
+        self.enabled = enabled
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.t0 = time.time()
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(self, step, echo=True, **metrics):
+        if not self.enabled:
+            return
+        record = {"step": step, "time": round(time.time() - self.t0, 3), **metrics}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if echo:
+            parts = [f"step {step:5d}"] + [f"{k} {_fmt(v)}" for k, v in metrics.items()]
+            print(" | ".join(parts), flush=True)
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else (f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}")
+    return str(v)

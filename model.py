@@ -1,0 +1,401 @@
+"""A compact GPT for every stage of the pipeline: the policy, the reference, the reward and value models.
+
+The public surface follows nanoGPT (GPTConfig, GPT, forward -> (logits, loss), generate,
+configure_optimizers, estimate_mfu, from_pretrained) with what RLHF adds:
+- logits at every position, per-token log-probabilities of given tokens, a loss with a per-token mask;
+- padding: an attention mask (1 = real token) plus position ids that skip the pad, so a left-padded
+  prompt gives exactly the logits it gives alone;
+- a scalar head (config.head = "scalar"): the reward model and the value model, one number per position;
+- generate() with a KV cache, batched prompts of different lengths, top-k / top-p, per-row end-of-text.
+Attention is written out by hand (q @ k^T / sqrt(d), mask, softmax, @ v); torch.compile fuses it on CUDA.
+"""
+import json
+import math
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # longest sequence (context length)
+    vocab_size: int = 50257  # GPT-2's 50257 BPE tokens; 258 for the byte tokenizer
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0  # the paper's SFT used residual dropout 0.2
+    bias: bool = True  # biases in Linear and LayerNorm, as GPT-2
+    head: str = "lm"  # "lm": next-token logits; "scalar": one number per position (reward / value model)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.attn_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, allowed, kv_cache=None):
+        B, T, C = x.size()
+        hs = C // self.n_head
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        if kv_cache is not None:
+            k, v = kv_cache.append(k, v)  # (B, nh, Tk, hs) with Tk = cached + T
+        # attention: softmax(q k^T / sqrt(hs)) v, each query seeing only the keys `allowed` lets it see
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, nh, T, Tk)
+        att = att.masked_fill(~allowed, float("-inf"))  # allowed: (B, 1, T, Tk) broadcast over heads
+        att = F.softmax(att, dim=-1)
+        att = self.attn_dropout(att)
+        y = att @ v  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's GELU
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, allowed, kv_cache=None):
+        x = x + self.attn(self.ln_1(x), allowed, kv_cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class KVCache:
+    """Keys and values of past positions for one layer, preallocated for the whole generation."""
+
+    def __init__(self, B, n_head, max_len, hs, device, dtype):
+        self.k = torch.empty(B, n_head, max_len, hs, device=device, dtype=dtype)  # (B, nh, Tmax, hs)
+        self.v = torch.empty(B, n_head, max_len, hs, device=device, dtype=dtype)  # (B, nh, Tmax, hs)
+        self.len = 0
+
+    def append(self, k, v):
+        T = k.size(2)
+        self.k[:, :, self.len:self.len + T] = k
+        self.v[:, :, self.len:self.len + T] = v
+        self.len += T
+        return self.k[:, :, :self.len], self.v[:, :, :self.len]
+
+
+def position_ids_from_mask(attention_mask):
+    """Positions that skip padding: a left-padded row's first real token gets position 0."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def logprobs_from_logits(logits, tokens):
+    """log p(tokens) under softmax(logits): (B, T, V), (B, T) -> (B, T)."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    return torch.gather(logp, -1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+class GPT(nn.Module):
+    def __init__(self, config, compile=False):
+        super().__init__()
+        assert config.head in ("lm", "scalar"), f"unknown head {config.head!r}"
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        if config.head == "lm":
+            self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+            self.transformer.wte.weight = self.lm_head.weight  # weight tying, as GPT-2
+        else:
+            self.score_head = nn.Linear(config.n_embd, 1)  # the paper's RM: unembedding -> a scalar
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scale residual projections by 1/sqrt(2 * n_layer)
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if compile:  # torch.compile in place (state_dict keys unchanged); fuses the attention on CUDA
+            self.compile()
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def get_num_params(self, non_embedding=True):
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+
+    def forward(self, idx, targets=None, attention_mask=None, loss_mask=None, kv_caches=None):
+        """idx (B, T) token ids -> (logits (B, T, V), loss) for the LM head, (values (B, T), None) for the
+        scalar head. attention_mask (B, T[k]) marks real tokens with 1 (covering cached positions too
+        when kv_caches is given); padded keys are never attended to. targets (B, T) with -1 = ignore, and
+        an optional loss_mask (B, T) of 0/1 weights: the loss is the mean cross-entropy over counted tokens."""
+        B, T = idx.size()
+        past = kv_caches[0].len if kv_caches is not None else 0
+        Tk = past + T
+        assert Tk <= self.config.block_size, f"sequence of {Tk} tokens > block_size {self.config.block_size}"
+        if attention_mask is None:
+            pos = torch.arange(past, Tk, device=idx.device).unsqueeze(0)  # (1, T)
+            key_real = torch.ones(1, Tk, dtype=torch.bool, device=idx.device)  # (1, Tk)
+        else:
+            pos = position_ids_from_mask(attention_mask)[:, past:]  # (B, T)
+            key_real = attention_mask.bool()  # (B, Tk)
+        # query i (absolute position past + i) sees key j when j <= past + i and key j is real; it always
+        # sees itself, so that pad queries get a finite (unused) softmax instead of NaN.
+        q_abs = torch.arange(past, Tk, device=idx.device).view(T, 1)  # (T, 1)
+        k_abs = torch.arange(Tk, device=idx.device).view(1, Tk)  # (1, Tk)
+        allowed = ((k_abs <= q_abs) & key_real[:, None, :]) | (k_abs == q_abs)  # (B, T, Tk)
+        allowed = allowed.unsqueeze(1)  # (B, 1, T, Tk)
+
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, allowed, kv_caches[i] if kv_caches is not None else None)
+        x = self.transformer.ln_f(x)
+        if self.config.head == "scalar":
+            return self.score_head(x).squeeze(-1), None  # (B, T)
+        logits = self.lm_head(x)  # (B, T, V)
+        loss = None
+        if targets is not None:
+            ce = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1).clamp(min=0),
+                                 reduction="none").view(B, T)
+            weight = (targets >= 0).float()
+            if loss_mask is not None:
+                weight = weight * loss_mask.float()
+            loss = (ce * weight).sum() / weight.sum().clamp(min=1.0)
+        return logits, loss
+
+    def token_logprobs(self, idx, attention_mask=None, temperature=1.0):
+        """log pi(idx[:, t+1] | idx[:, :t+1]) for every t: (B, T) -> (B, T - 1). PPO's log-probs of sampled
+        tokens; divide by the sampling temperature, as the sampler did."""
+        logits, _ = self(idx, attention_mask=attention_mask)
+        return logprobs_from_logits(logits[:, :-1] / temperature, idx[:, 1:])
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, attention_mask=None,
+                 eos_token_id=None, pad_token_id=None, return_logprobs=False, use_cache=True, generator=None):
+        """Continue each row of idx (B, T), left-padded with attention_mask where prompts differ in length.
+        Returns (B, T + n) tokens, n <= max_new_tokens (it stops early once every row has emitted
+        eos_token_id; finished rows are padded with pad_token_id). With return_logprobs, also (B, n)
+        log-probabilities of the sampled tokens under softmax(logits / temperature), before top-k / top-p
+        (what a forward pass at that temperature recomputes); 0 at padded steps. temperature 0 is greedy."""
+        B, T = idx.shape
+        assert T + max_new_tokens <= self.config.block_size, "prompt + max_new_tokens > block_size"
+        mask = attention_mask if attention_mask is not None else torch.ones_like(idx)
+        pad = pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else 0)
+        caches = None
+        if use_cache:
+            p = next(self.parameters())
+            hs = self.config.n_embd // self.config.n_head
+            caches = [KVCache(B, self.config.n_head, T + max_new_tokens, hs, p.device, p.dtype)
+                      for _ in range(self.config.n_layer)]
+        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        out, logps = [idx], []
+        step_input = idx  # prefill with the whole prompt, then one token per step
+        for _ in range(max_new_tokens):
+            if use_cache:
+                logits, _ = self(step_input, attention_mask=mask, kv_caches=caches)
+            else:
+                logits, _ = self(torch.cat(out, dim=1), attention_mask=mask)
+            logits = logits[:, -1, :].float()  # (B, V)
+            if temperature == 0:
+                next_tok = logits.argmax(-1)
+                logp = torch.zeros(B, device=idx.device)
+            else:
+                logits = logits / temperature
+                logp_all = F.log_softmax(logits, dim=-1)
+                probs = F.softmax(filter_logits(logits, top_k, top_p), dim=-1)
+                next_tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+                logp = logp_all.gather(-1, next_tok[:, None]).squeeze(-1)
+            next_tok = torch.where(done, torch.full_like(next_tok, pad), next_tok)
+            out.append(next_tok[:, None])
+            logps.append(logp.masked_fill(done, 0.0)[:, None])
+            mask = torch.cat([mask, torch.ones_like(next_tok[:, None])], dim=1)
+            if eos_token_id is not None:
+                done = done | (next_tok == eos_token_id)
+                if done.all():
+                    break
+            step_input = next_tok[:, None]
+        tokens = torch.cat(out, dim=1)
+        return (tokens, torch.cat(logps, dim=1)) if return_logprobs else tokens
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        # decay the matrices (Linear weights, embeddings); not biases and LayerNorm gains
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        fused = device_type == "cuda"  # fused AdamW: one kernel for all parameters
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+
+    def estimate_mfu(self, fwdbwd_per_iter, dt, device=None):
+        """Model FLOPs utilisation: achieved FLOP/s (PaLM appendix B count) / the device's peak."""
+        cfg = self.config
+        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
+        flops_per_token = 6 * self.get_num_params() + 12 * L * H * Q * T
+        flops_per_iter = flops_per_token * T * fwdbwd_per_iter
+        peak = peak_flops(device if device is not None else next(self.parameters()).device)
+        return flops_per_iter / dt / peak if peak else float("nan")
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, head="lm", dropout=0.0):
+        """GPT-2 weights in the Hugging Face layout (config.json + model.safetensors): a name from
+        GPT2_NAMES is downloaded into the cache once; a directory is read from disk."""
+        path = Path(name_or_path)
+        if not path.is_dir():
+            if name_or_path not in GPT2_NAMES:
+                raise ValueError(f"{name_or_path!r} is neither a directory nor one of {GPT2_NAMES}")
+            path = download_gpt2(name_or_path)
+        hf = json.loads((path / "config.json").read_text())
+        config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
+                           n_head=hf["n_head"], n_embd=hf["n_embd"], dropout=dropout, bias=True, head=head)
+        model = cls(config)
+        sd = model.state_dict()
+        # Hugging Face's Conv1D stores (in, out): these four are transposed relative to nn.Linear
+        transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        loaded = set()
+        for key, tensor in read_safetensors(path / "model.safetensors").items():
+            key = key.removeprefix("transformer.")
+            if key.endswith((".attn.bias", ".attn.masked_bias")) or key == "lm_head.weight":
+                continue  # causal-mask buffers; lm_head is tied to wte
+            ours = "transformer." + key
+            if ours not in sd:
+                raise KeyError(f"{path / 'model.safetensors'}: unexpected tensor {key!r}")
+            if key.endswith(transposed):
+                tensor = tensor.t()
+            assert tensor.shape == sd[ours].shape, f"{key}: {tuple(tensor.shape)} vs {tuple(sd[ours].shape)}"
+            with torch.no_grad():
+                sd[ours].copy_(tensor)
+            loaded.add(ours)
+        missing = {k for k in sd if k.startswith("transformer.")} - loaded - {"transformer.wte.weight"}
+        if "transformer.wte.weight" not in loaded or missing:
+            raise KeyError(f"{path}: missing tensors {sorted(missing) or ['wte.weight']}")
+        return model
+
+
+def filter_logits(logits, top_k=None, top_p=None):
+    """Keep the top_k largest logits and the smallest set whose probability reaches top_p; -inf elsewhere."""
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = F.softmax(sorted_logits, dim=-1).cumsum(-1)
+        drop_sorted = cum - F.softmax(sorted_logits, dim=-1) >= top_p  # mass before this token already >= p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def load_lm_into(model, lm_state_dict):
+    """Copy a checkpoint's trunk (everything under transformer.) into model, whatever its head: the RM
+    starts from the SFT model, the value model from the RM. A head of the same kind is copied too."""
+    own = model.state_dict()
+    trunk = {k: v for k, v in lm_state_dict.items() if k.startswith("transformer.") or k in own}
+    missing, unexpected = model.load_state_dict(trunk, strict=False)
+    missing = [k for k in missing if not k.startswith(("score_head.", "lm_head."))]
+    if missing or unexpected:
+        raise KeyError(f"checkpoint does not fit the model: missing {missing}, unexpected {unexpected}")
+
+
+# --- device peak FLOP/s, for MFU -------------------------------------------------------------------------
+PEAK_BF16_FLOPS = {  # dense bf16 tensor-core peak per device name fragment (vendor data sheets)
+    "H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12, "A10": 125e12,
+    "L40S": 362e12, "L4": 121e12, "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12,
+}
+
+
+def peak_flops(device):
+    """Peak bf16 FLOP/s of a CUDA device by name, or None when unknown (then MFU is reported as nan)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in PEAK_BF16_FLOPS.items():  # ordered: "H100 PCIe" is tried before "H100"
+        if key in name:
+            return flops
+    return None
+
+
+# --- GPT-2 weights in the Hugging Face layout, read without pickle ----------------------------------------
+GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+                      "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors(path):
+    """The safetensors format: an 8-byte little-endian header length N, N bytes of JSON
+    {name: {dtype, shape, data_offsets: [begin, end]}}, then the raw little-endian tensor bytes."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        buf = bytearray(Path(path).stat().st_size - 8 - n)  # writable, so torch.frombuffer can view it
+        f.readinto(buf)
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = info["data_offsets"]
+        dtype = SAFETENSORS_DTYPES[info["dtype"]]
+        t = torch.frombuffer(buf[begin:end], dtype=dtype) if end > begin else torch.empty(0, dtype=dtype)
+        tensors[name] = t.reshape(info["shape"]).clone().float() if dtype.is_floating_point else t.clone()
+    return tensors
+
+
+def write_safetensors(path, tensors):
+    """Write {name: tensor} in the safetensors format (used by tests and for exporting)."""
+    names = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+    header, blobs, offset = {}, [], 0
+    for name, t in tensors.items():
+        raw = t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
+        blobs.append(raw)
+        offset += len(raw)
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)  # the format aligns the data to 8 bytes
+    Path(path).write_bytes(struct.pack("<Q", len(head)) + head + b"".join(blobs))
+
+
+def download_gpt2(name):
+    """Fetch config.json and model.safetensors of a GPT-2 size from the Hugging Face hub into the cache."""
+    import urllib.request
+    from tqdm import tqdm
+    from data.tokenizer import cache_dir
+    target = cache_dir() / "models" / name
+    target.mkdir(parents=True, exist_ok=True)
+    for fname in ("config.json", "model.safetensors"):
+        dest = target / fname
+        if dest.exists():
+            continue
+        url = f"https://huggingface.co/{name}/resolve/main/{fname}"
+        tmp = dest.with_suffix(".part")
+        with urllib.request.urlopen(url) as r, open(tmp, "wb") as f, \
+                tqdm(total=int(r.headers.get("Content-Length", 0)), unit="B", unit_scale=True, desc=f"{name}/{fname}") as bar:
+            while chunk := r.read(1 << 20):
+                f.write(chunk)
+                bar.update(len(chunk))
+        tmp.replace(dest)
+    return target
+
