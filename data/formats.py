@@ -1,0 +1,341 @@
+"""File formats of the pipeline: the chat template, validating loaders and atomic writers.
+
+Chat template (Anthropic HH-RLHF's, used for every model and data source):
+
+    "\\n\\nHuman: {prompt}\\n\\nAssistant: {response}" + <|endoftext|> (appended by id, never as text)
+
+Multi-turn prompts: a "prompt" is everything the human side of the template wraps, i.e. an HH transcript
+up to its last "\\n\\nAssistant:" with the leading "\\n\\nHuman: " removed. A single-turn prompt is then
+just the human's message (exactly what the built-in world writes), a multi-turn one still contains its
+earlier "\\n\\nAssistant: ... \\n\\nHuman: ..." turns, and in both cases
+format_query(prompt) + " " + response reproduces the transcript.
+
+Files (JSONL is one JSON object per line; ".jsonl.gz" is read and written the same way):
+
+    pretraining text  .txt, or JSONL {"text": ...}                                 load_text
+    demonstrations    {"prompt", "response"} or Alpaca {"instruction", "input", "output"}   load_sft
+    rankings          {"prompt", "responses": [K strings], "ranking": [indices, best first]},
+                      or pairwise {"prompt", "chosen", "rejected"} (K = 2),
+                      or HH-RLHF {"chosen", "rejected"} full transcripts            load_rankings
+    prompts           {"prompt"}                                                    load_prompts
+    samples           {"prompt", "responses": [strings]} (unranked model samples)   load_samples
+
+Loaders stop at the first bad line with DataError("{file}:{line}: {what is wrong}"). Blank lines are
+skipped, extra fields are ignored, and a file with no records is an error reported at line 0 (the file as
+a whole). Writers (and download) are atomic: a crash leaves either the old file or the complete new one.
+"""
+import gzip
+import hashlib
+import io
+import json
+import os
+import tempfile
+import urllib.request
+from pathlib import Path
+
+HUMAN = "\n\nHuman: "
+ASSISTANT = "\n\nAssistant:"
+
+
+class DataError(ValueError):
+    """A bad input file, located for the user: str(e) == "{file}:{line}: {what}"."""
+
+    def __init__(self, file, line: int, what: str):
+        self.file, self.line, self.what = str(file), line, what
+        super().__init__(f"{self.file}:{line}: {what}")
+
+
+# --- chat template --------------------------------------------------------------------------------------
+def format_query(prompt: str) -> str:
+    """The text the model is conditioned on: "\\n\\nHuman: {prompt}\\n\\nAssistant:"."""
+    return f"{HUMAN}{prompt}{ASSISTANT}"
+
+
+def encode_chat(tok, prompt: str, response: str | None = None) -> tuple[list[int], list[int]]:
+    """(query_ids, response_ids); the response gets its leading space and the end-of-text token by id.
+
+    The space belongs to the response (as in HH-RLHF's "Assistant: text"), so a policy samples it and the
+    query ends exactly at "Assistant:". response=None gives [] for the response (a prompt to sample from).
+    """
+    query = tok.encode(format_query(prompt))
+    if response is None:
+        return query, []
+    return query, tok.encode(" " + response) + [tok.eot_token]
+
+
+def split_transcript(text: str) -> tuple[str, str]:
+    """Split an HH transcript at its last "\\n\\nAssistant:" into (prompt, response); see the module doc.
+
+    Raises ValueError (without a location; loaders add it) when the text is not an HH transcript.
+    """
+    if not text.startswith(HUMAN):
+        raise ValueError('transcript does not start with "\\n\\nHuman: "')
+    cut = text.rfind(ASSISTANT)
+    if cut < 0:
+        raise ValueError('transcript has no "\\n\\nAssistant:" turn')
+    prompt = text[len(HUMAN):cut]
+    response = text[cut + len(ASSISTANT):].strip()
+    return prompt, response
+
+
+def truncate_left(ids: list[int], max_len: int) -> tuple[list[int], bool]:
+    """Keep the last max_len ids, and say whether any were dropped.
+
+    Prompts are cut on the left: the end holds the latest human turn and the "Assistant:" cue, which the
+    response must follow; the start of a long multi-turn conversation matters least.
+    """
+    if max_len <= 0:
+        raise ValueError(f"max_len must be positive, got {max_len}")
+    if len(ids) <= max_len:
+        return list(ids), False
+    return list(ids[-max_len:]), True
+
+
+def split_of(prompt: str, val: float = 0.1, test: float = 0.1) -> str:
+    """"train", "val" or "test", fixed by a hash of the prompt text: splits never share a prompt string."""
+    bucket = int.from_bytes(hashlib.sha256(prompt.encode("utf-8")).digest()[:8], "big") % 10_000 / 10_000
+    return "test" if bucket < test else "val" if bucket < test + val else "train"
+
+
+# --- reading --------------------------------------------------------------------------------------------
+def _open_bytes(path: Path):
+    if not path.is_file():
+        raise DataError(path, 0, "no such file")
+    return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
+
+
+def _is_jsonl(path: Path) -> bool:
+    return path.name.endswith((".jsonl", ".jsonl.gz"))
+
+
+def read_jsonl(path):
+    """Yield (line_number, object) for every non-blank line; DataError on bad UTF-8, bad JSON, non-objects."""
+    path = Path(path)
+    if not _is_jsonl(path):
+        raise DataError(path, 0, "expected a .jsonl or .jsonl.gz file")
+    n_records = 0
+    with _open_bytes(path) as f:
+        try:
+            for lineno, raw in enumerate(f, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise DataError(path, lineno, "not valid UTF-8") from None
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(path, lineno, f"invalid JSON ({e.msg} at column {e.colno})") from None
+                if not isinstance(obj, dict):
+                    raise DataError(path, lineno, f"expected a JSON object, got {type(obj).__name__}")
+                n_records += 1
+                yield lineno, obj
+        except (gzip.BadGzipFile, EOFError, OSError) as e:
+            raise DataError(path, 0, f"cannot read the file ({e})") from None
+    if n_records == 0:
+        raise DataError(path, 0, "the file has no records")
+
+
+def _load(path, parse) -> list:
+    """Parse every record of a JSONL file with parse(obj), which raises ValueError(what) on a bad one."""
+    out = []
+    for lineno, obj in read_jsonl(path):
+        try:
+            out.append(parse(obj))
+        except ValueError as e:
+            raise DataError(path, lineno, str(e)) from None
+    return out
+
+
+def _text(obj: dict, key: str) -> str:
+    """obj[key] as a non-blank string, or ValueError saying what is wrong."""
+    if key not in obj:
+        raise ValueError(f"missing field {key!r}")
+    value = obj[key]
+    if not isinstance(value, str):
+        raise ValueError(f"field {key!r} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise ValueError(f"field {key!r} is empty")
+    return value
+
+
+def _string_list(obj: dict, key: str) -> list[str]:
+    if key not in obj:
+        raise ValueError(f"missing field {key!r}")
+    value = obj[key]
+    if not isinstance(value, list):
+        raise ValueError(f"field {key!r} must be a list, got {type(value).__name__}")
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            raise ValueError(f"{key}[{i}] must be a string, got {type(item).__name__}")
+        if not item.strip():
+            raise ValueError(f"{key}[{i}] is empty")
+    return value
+
+
+# --- one record of each kind (also used by data/hh_rlhf.py to skip bad records instead of stopping) -----
+def parse_sft(obj: dict) -> dict:
+    """{"prompt", "response"} from either the plain or the Alpaca layout."""
+    if "instruction" in obj and "prompt" not in obj:
+        # Alpaca: the optional input is context for the instruction, so it follows it in the prompt.
+        prompt = _text(obj, "instruction")
+        extra = obj.get("input", "")
+        if not isinstance(extra, str):
+            raise ValueError(f"field 'input' must be a string, got {type(extra).__name__}")
+        if extra.strip():
+            prompt = prompt + "\n\n" + extra
+        return {"prompt": prompt, "response": _text(obj, "output")}
+    return {"prompt": _text(obj, "prompt"), "response": _text(obj, "response")}
+
+
+def parse_ranking(obj: dict) -> dict:
+    """{"prompt", "responses", "ranking"} from the K-wise, pairwise or HH-RLHF layout."""
+    if "responses" in obj:
+        prompt, responses = _text(obj, "prompt"), _string_list(obj, "responses")
+        if "ranking" not in obj:
+            raise ValueError("missing field 'ranking'")
+        ranking = obj["ranking"]
+        if not isinstance(ranking, list) or not all(type(i) is int for i in ranking):
+            raise ValueError("field 'ranking' must be a list of integers")
+    elif "chosen" in obj:
+        chosen, rejected = _text(obj, "chosen"), _text(obj, "rejected")
+        if "prompt" in obj:
+            prompt, responses = _text(obj, "prompt"), [chosen, rejected]
+        else:  # HH-RLHF: two full transcripts that must share everything before the last answer
+            (prompt, a), (prompt_b, b) = split_transcript(chosen), split_transcript(rejected)
+            if prompt != prompt_b:
+                raise ValueError("'chosen' and 'rejected' transcripts differ before the last Assistant turn")
+            if not prompt.strip() or not a or not b:
+                raise ValueError("empty prompt or response in the HH transcripts")
+            responses = [a, b]
+        ranking = [0, 1]
+    else:
+        raise ValueError("missing field 'responses' (expected {prompt, responses, ranking}, "
+                         "{prompt, chosen, rejected} or HH-RLHF {chosen, rejected})")
+    if len(responses) < 2:
+        raise ValueError(f"need at least 2 responses to rank, got {len(responses)}")
+    if len(set(responses)) != len(responses):
+        raise ValueError("duplicate responses: each ranked response must be distinct")
+    if sorted(ranking) != list(range(len(responses))):
+        raise ValueError(f"'ranking' {ranking} is not a permutation of 0..{len(responses) - 1}")
+    return {"prompt": prompt, "responses": responses, "ranking": ranking}
+
+
+def parse_prompt(obj: dict) -> str:
+    return _text(obj, "prompt")
+
+
+def parse_samples(obj: dict) -> dict:
+    """Unranked samples: {"prompt", "responses"}; duplicates and empty strings allowed (models make them)."""
+    prompt = _text(obj, "prompt")
+    responses = obj.get("responses")
+    if not isinstance(responses, list) or not responses or not all(isinstance(r, str) for r in responses):
+        raise ValueError("field 'responses' must be a non-empty list of strings")
+    return {"prompt": prompt, "responses": responses}
+
+
+# --- loaders --------------------------------------------------------------------------------------------
+def load_text(path) -> str:
+    """A plain-text corpus: a .txt file as is, or the "text" fields of a JSONL file joined by blank lines."""
+    path = Path(path)
+    if path.name.endswith((".txt", ".txt.gz")):
+        with _open_bytes(path) as f:
+            try:
+                text = f.read().decode("utf-8")
+            except UnicodeDecodeError as e:
+                line = e.object[:e.start].count(b"\n") + 1
+                raise DataError(path, line, "not valid UTF-8") from None
+        if not text.strip():
+            raise DataError(path, 0, "the file is empty")
+        return text
+    if not _is_jsonl(path):
+        raise DataError(path, 0, "expected a .txt, .txt.gz, .jsonl or .jsonl.gz file")
+    return "\n\n".join(_load(path, lambda obj: _text(obj, "text")))
+
+
+def load_sft(path) -> list[dict]:
+    """Demonstrations as [{"prompt", "response"}]."""
+    return _load(path, parse_sft)
+
+
+def load_rankings(path) -> list[dict]:
+    """Rankings as [{"prompt", "responses", "ranking"}]; "ranking" lists response indices, best first."""
+    return _load(path, parse_ranking)
+
+
+def load_prompts(path) -> list[str]:
+    return _load(path, parse_prompt)
+
+
+def load_samples(path) -> list[dict]:
+    """Model samples to be ranked, as [{"prompt", "responses"}]."""
+    return _load(path, parse_samples)
+
+
+# --- writing and downloading -------------------------------------------------------------------------------------
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def _write_atomic(path, data: bytes) -> None:
+    """Write to a temporary file next to path, fsync it, then rename it over path (atomic on POSIX/NTFS)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes the file private; give it the usual permissions
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _maybe_gzip(path, data: bytes) -> bytes:
+    if not str(path).endswith(".gz"):
+        return data
+    buf = io.BytesIO()
+    # mtime=0 and no file name in the header: the same records give byte-identical files.
+    with gzip.GzipFile(filename="", mode="wb", fileobj=buf, mtime=0) as gz:
+        gz.write(data)
+    return buf.getvalue()
+
+
+def write_jsonl(path, records) -> None:
+    """One JSON object per line, UTF-8, gzipped when path ends in .gz; atomic."""
+    lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in records]
+    _write_atomic(path, _maybe_gzip(path, "".join(lines).encode("utf-8")))
+
+
+def write_text(path, text: str) -> None:
+    """UTF-8 text, gzipped when path ends in .gz; atomic."""
+    _write_atomic(path, _maybe_gzip(path, text.encode("utf-8")))
+
+
+def download(url: str, dest) -> Path:
+    """Fetch url to dest once (with a progress bar); later calls reuse the file. Atomic like the writers."""
+    from tqdm import tqdm
+
+    dest = Path(dest)
+    if dest.is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r, open(part, "wb") as f, \
+                tqdm(total=int(r.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True,
+                     desc=dest.name) as bar:
+            while chunk := r.read(1 << 16):
+                f.write(chunk)
+                bar.update(len(chunk))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(part, dest)
+    except OSError as e:  # URLError and socket errors are OSErrors
+        part.unlink(missing_ok=True)
+        raise RuntimeError(f"could not download {url} ({e}); pass --source with a local copy") from None
+    return dest
