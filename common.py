@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from model import GPT, GPTConfig
 
@@ -188,10 +189,71 @@ class RunLog:
             f.write(json.dumps(record) + "\n")
         if echo:
             parts = [f"step {step:5d}"] + [f"{k} {_fmt(v)}" for k, v in metrics.items()]
-            print(" | ".join(parts), flush=True)
+            tqdm.write(" | ".join(parts))  # above the progress bar, not through it
 
 
 def _fmt(v):
     if isinstance(v, float):
         return "nan" if math.isnan(v) else (f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}")
     return str(v)
+
+
+# --- training plumbing shared by the stages ------------------------------------------------------------------
+def cosine_lr(it, max_iters, lr, min_lr, warmup_iters=0):
+    """Linear warmup, then cosine decay from lr to min_lr at max_iters (the paper decays to 10% of peak)."""
+    if it < warmup_iters:
+        return lr * (it + 1) / warmup_iters
+    progress = min(1.0, (it - warmup_iters) / max(1, max_iters - warmup_iters))
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
+def shuffled_indices(n, start, count, seed):
+    """Positions start .. start+count-1 of an endless stream of epochs, each a fresh permutation of
+    range(n) seeded by (seed, epoch): every rank computes the same global batch from the step alone."""
+    out, perms = [], {}
+    for pos in range(start, start + count):
+        epoch, i = divmod(pos, n)
+        if epoch not in perms:
+            perms[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
+        out.append(perms[epoch][i])
+    return out
+
+
+def encode_example(tok, prompt, response, max_len, stats):
+    """Token ids of `prompt` + `response` in the chat template and the number of query tokens, in at most
+    max_len tokens. An over-long prompt loses tokens from the left (stats["truncated"] counts them); an
+    example whose response alone does not fit is dropped (stats["dropped"]) and None is returned."""
+    from data.formats import encode_chat, truncate_left
+    query, resp = encode_chat(tok, prompt, response)
+    if len(resp) >= max_len:
+        stats["dropped"] = stats.get("dropped", 0) + 1
+        return None
+    query, cut = truncate_left(query, max_len - len(resp))
+    stats["truncated"] = stats.get("truncated", 0) + int(cut)
+    return query + resp, len(query)
+
+
+def warn_counts(name, stats, total):
+    """Say how many examples were truncated or dropped: never silently."""
+    for what in ("truncated", "dropped"):
+        if stats.get(what):
+            print(f"warning: {name}: {stats[what]} of {total} examples {what} to fit the context", file=sys.stderr)
+
+
+def pad_right(seqs, pad_value):
+    """(B, T) tensor of right-padded rows; causal attention never looks right, so no mask is needed."""
+    T = max(len(s) for s in seqs)
+    out = torch.full((len(seqs), T), pad_value, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, :len(s)] = torch.as_tensor(s, dtype=torch.long)
+    return out
+
+
+def cli(main):
+    """Run a stage's main(); data and config errors end with one line and exit code 2."""
+    from data.formats import DataError
+    try:
+        main()
+    except (DataError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

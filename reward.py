@@ -1,0 +1,247 @@
+"""Stage 2: the reward model (RM), trained on K-wise rankings with the paper's pairwise loss.
+
+The RM is the SFT model with its unembedding replaced by a scalar head; r_theta(x, y) is the head's output
+at the last token of the response (its end-of-text). Labelers ranked K = 4..9 responses per prompt, which
+gives C(K,2) comparisons; all of them form ONE batch element, so each response is forwarded once (K
+passes, not 2 * C(K,2)) and correlated comparisons do not overfit (section 3.5, appendix C.2). After
+training, a bias is added so that the demonstrations score 0 on average.
+
+    python reward.py --init runs/sft/ckpt.pt --data runs/world/rankings_train.jsonl \\
+                     --val-data runs/world/rankings_val.jsonl --demo-data runs/world/sft_val.jsonl   # CPU
+    torchrun --nproc_per_node=4 reward.py --init runs/sft/ckpt.pt ...                              # GPUs
+
+Pairwise data ({"prompt","chosen","rejected"} or HH-RLHF transcripts) is K = 2.
+Deviations from the paper: the RM is as small as the policy (the paper used a 6B RM for every policy).
+"""
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from common import (Dist, RunLog, cli, cosine_lr, encode_example, load_checkpoint, model_from_checkpoint,
+                    pad_right, parse_config, save_checkpoint, set_seed, shuffled_indices, warn_counts)
+from data.formats import load_rankings, load_sft
+from data.tokenizer import get_tokenizer
+from model import GPT
+
+
+@dataclass
+class RewardConfig:
+    out_dir: str = "runs/rm"  # where ckpt.pt and metrics.jsonl go
+    init: str = "runs/sft/ckpt.pt"  # the SFT checkpoint (or a GPT-2 name / HF dir) whose trunk starts the RM
+    data: str = "runs/world/rankings_train.jsonl"  # K-wise rankings JSONL (or pairwise / HH-RLHF)
+    val_data: str | None = None  # held-out rankings for accuracy
+    demo_data: str | None = None  # demonstrations (SFT JSONL) whose mean score is set to 0 after training
+    seq_len: int = 256  # longest prompt + response, in tokens
+    epochs: float = 1.0  # passes over the rankings (the paper: 1)
+    max_iters: int = 0  # optimiser steps; 0 = derived from epochs
+    batch_size: int = 64  # prompts per optimiser step, over all processes (the paper: 64)
+    micro_batch_size: int = 16  # prompts per forward pass (all K responses of each)
+    lr: float = 1e-4  # peak learning rate (the paper: 9e-6 for a 6B RM)
+    min_lr_ratio: float = 0.1  # cosine decay to this fraction of the peak
+    warmup_iters: int = 0  # linear warmup steps
+    weight_decay: float = 0.0  # AdamW weight decay on matrices
+    beta1: float = 0.9  # Adam beta1
+    beta2: float = 0.95  # Adam beta2
+    grad_clip: float = 1.0  # clip the global gradient norm; 0 = off
+    dropout: float = 0.0  # dropout while training the RM
+    eval_interval: int = 50  # steps between validation accuracies
+    log_interval: int = 10  # steps between log lines
+    device: str = "auto"  # auto, cpu, cuda, cuda:1, mps
+    compile: bool = False  # torch.compile the model
+    seed: int = 0  # seed for the head's init and the data order
+
+    def __post_init__(self):
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(f"--batch-size {self.batch_size} is not a multiple of --micro-batch-size "
+                             f"{self.micro_batch_size}")
+
+
+def better_than(ranking, K):
+    """(K, K) bool: [i, j] is True when labelers ranked response i above response j."""
+    place = torch.empty(K, dtype=torch.long)
+    place[torch.as_tensor(ranking)] = torch.arange(K)  # place[i] = 0 for the best response
+    return place[:, None] < place[None, :]
+
+
+def ranking_loss(rewards, better):
+    """The paper's RM loss for each prompt, all its C(K,2) comparisons at once:
+        loss = -1/C(K,2) * sum_{(y_w, y_l)} log sigmoid(r(x, y_w) - r(x, y_l))
+    rewards (P, K) and better (P, K, K) as from better_than (padded prompts have no True). Returns (P,)."""
+    diff = rewards[:, :, None] - rewards[:, None, :]  # (P, K, K): r_i - r_j
+    pair_losses = -F.logsigmoid(diff) * better
+    return pair_losses.sum(dim=(1, 2)) / better.sum(dim=(1, 2)).clamp(min=1)
+
+
+def rm_scores(model, idx, last):
+    """r_theta(x, y): the scalar head's output at each row's last real token (index `last`)."""
+    values, _ = model(idx)
+    return values[torch.arange(idx.size(0), device=idx.device), last]  # (N,)
+
+
+def forward_prompts(model, prompts, device):
+    """Score every response of every prompt in one padded forward pass, and build the (P, Kmax) reward
+    matrix and (P, Kmax, Kmax) comparison masks of ranking_loss."""
+    seqs = [s for p in prompts for s in p["seqs"]]
+    idx = pad_right(seqs, 0).to(device)  # (N, T), N = sum of K: each response forwarded once
+    last = torch.tensor([len(s) - 1 for s in seqs], device=device)
+    r = rm_scores(model, idx, last)
+    Kmax = max(len(p["seqs"]) for p in prompts)
+    rewards = torch.zeros(len(prompts), Kmax, device=device)
+    better = torch.zeros(len(prompts), Kmax, Kmax, dtype=torch.bool, device=device)
+    start = 0
+    for i, p in enumerate(prompts):
+        K = len(p["seqs"])
+        rewards[i, :K] = r[start:start + K]
+        better[i, :K, :K] = better_than(p["ranking"], K)
+        start += K
+    return rewards, better
+
+
+def evaluate(model, prompts, cfg, d):
+    """Pairwise accuracy on held-out rankings (overall and per K), the loss, and the score spread."""
+    model.eval()
+    correct, total, loss_sum = defaultdict(int), defaultdict(int), 0.0
+    scores = []
+    with torch.no_grad():
+        for i in range(0, len(prompts), cfg.micro_batch_size):
+            chunk = prompts[i:i + cfg.micro_batch_size]
+            with d.autocast():
+                rewards, better = forward_prompts(model, chunk, d.device)
+            rewards = rewards.float()
+            loss_sum += ranking_loss(rewards, better).sum().item()
+            right = ((rewards[:, :, None] > rewards[:, None, :]) & better).sum(dim=(1, 2))
+            for p, k_right, n, r in zip(chunk, right.tolist(), better.sum(dim=(1, 2)).tolist(), rewards):
+                K = len(p["seqs"])
+                correct[K] += k_right
+                total[K] += n
+                scores += r[:K].tolist()
+    model.train()
+    s = torch.tensor(scores)
+    return {"val_accuracy": sum(correct.values()) / max(1, sum(total.values())),
+            "val_loss": loss_sum / max(1, len(prompts)),
+            "val_accuracy_by_k": {k: round(correct[k] / total[k], 4) for k in sorted(total)},
+            "score_mean": s.mean().item(), "score_std": s.std().item()}
+
+
+def demo_mean_score(model, demos, cfg, d):
+    model.eval()
+    total = 0.0
+    with torch.no_grad():
+        for i in range(0, len(demos), cfg.micro_batch_size * 4):
+            seqs = demos[i:i + cfg.micro_batch_size * 4]
+            idx = pad_right(seqs, 0).to(d.device)
+            with d.autocast():
+                total += rm_scores(model, idx, torch.tensor([len(s) - 1 for s in seqs], device=d.device)).float().sum().item()
+    return total / len(demos)
+
+
+def main():
+    # -- config and setup
+    cfg = parse_config(RewardConfig)
+    d = Dist(cfg.device)
+    set_seed(cfg.seed)
+    log = RunLog(cfg.out_dir, enabled=d.master)
+
+    # -- model: the SFT trunk with a fresh scalar head
+    if cfg.init.endswith(".pt"):
+        ckpt = load_checkpoint(cfg.init)
+        tokenizer, model = ckpt["tokenizer"], model_from_checkpoint(ckpt, head="scalar", dropout=cfg.dropout)
+    else:
+        tokenizer, model = "gpt2", GPT.from_pretrained(cfg.init, head="scalar", dropout=cfg.dropout)
+    tok = get_tokenizer(tokenizer)
+    seq_len = min(cfg.seq_len, model.config.block_size)
+    model.to(d.device)
+    if cfg.compile:
+        model.compile()
+    raw_model = model
+    if d.ddp:
+        model = DDP(model, device_ids=[d.local_rank] if d.device_type == "cuda" else None)
+
+    # -- data: each prompt's K responses, encoded with the prompt in the chat template
+    def encode_rankings(path):
+        records, stats, out = load_rankings(path), {}, []
+        for r in records:
+            seqs = [encode_example(tok, r["prompt"], resp, seq_len, stats) for resp in r["responses"]]
+            if all(seqs):  # a response that does not fit drops its whole ranking (counted)
+                out.append({"seqs": [s for s, _ in seqs], "ranking": r["ranking"]})
+        warn_counts(path, stats, len(records))
+        return out
+    train = encode_rankings(cfg.data)
+    val = encode_rankings(cfg.val_data) if cfg.val_data else []
+    max_iters = cfg.max_iters or max(1, round(cfg.epochs * len(train) / cfg.batch_size))
+    if d.master:
+        ks = defaultdict(int)
+        for p in train:
+            ks[len(p["seqs"])] += 1
+        print(f"RM: {len(train)} ranked prompts (K: {dict(sorted(ks.items()))}), {max_iters} steps, device {d.device}")
+
+    # -- optimiser
+    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), d.device_type)
+    if cfg.batch_size % (cfg.micro_batch_size * d.world_size):
+        raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch-size x processes "
+                         f"({cfg.micro_batch_size} x {d.world_size})")
+    accum = cfg.batch_size // (cfg.micro_batch_size * d.world_size)
+
+    # -- training loop: whole prompts per batch element, never shuffled-apart pairs
+    t_last = time.time()
+    for it in tqdm(range(max_iters), desc="reward model", disable=not d.master):
+        lr = cosine_lr(it, max_iters, cfg.lr, cfg.lr * cfg.min_lr_ratio, cfg.warmup_iters)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch = [train[i] for i in shuffled_indices(len(train), it * cfg.batch_size, cfg.batch_size, cfg.seed)]
+        mine = batch[d.rank::d.world_size]
+        loss_sum, acc_sum = torch.zeros((), device=d.device), 0.0
+        for micro in range(accum):
+            prompts = mine[micro * cfg.micro_batch_size:(micro + 1) * cfg.micro_batch_size]
+            if d.ddp:
+                model.require_backward_grad_sync = micro == accum - 1
+            with d.autocast():
+                rewards, better = forward_prompts(model, prompts, d.device)
+            # mean over the global batch's prompts; x world_size undoes DDP's average over processes
+            loss = ranking_loss(rewards.float(), better).sum() / cfg.batch_size
+            (loss * d.world_size).backward()
+            loss_sum += loss.detach()
+            acc_sum += (((rewards[:, :, None] > rewards[:, None, :]) & better).sum() / better.sum()).item()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        if it % cfg.log_interval == 0 or it == max_iters - 1:
+            dt = (time.time() - t_last) / (cfg.log_interval if it else 1)
+            t_last = time.time()
+            log.log(it, loss=d.all_reduce_mean(loss_sum).item() * d.world_size, accuracy=acc_sum / accum, lr=lr,
+                    ms=dt * 1000)
+        if val and d.master and (it % cfg.eval_interval == 0 or it == max_iters - 1):
+            log.log(it, **evaluate(raw_model, val, cfg, d))
+
+    # -- normalise: demonstrations score 0 on average (the paper), folded into the head's bias
+    if cfg.demo_data and d.master:
+        stats, records = {}, load_sft(cfg.demo_data)
+        demos = [e[0] for r in records if (e := encode_example(tok, r["prompt"], r["response"], seq_len, stats))]
+        warn_counts(cfg.demo_data, stats, len(records))
+        bias = -demo_mean_score(raw_model, demos, cfg, d)
+        with torch.no_grad():
+            raw_model.score_head.bias += bias
+        print(f"reward bias {bias:+.4f}: demonstrations now average {demo_mean_score(raw_model, demos, cfg, d):+.2e}")
+    else:
+        bias = 0.0
+
+    # -- save
+    if d.master:
+        final = evaluate(raw_model, val, cfg, d) if val else {}
+        if final:
+            log.log(max_iters, **final)
+        save_checkpoint(f"{cfg.out_dir}/ckpt.pt", raw_model, cfg, tokenizer, iter=max_iters, reward_bias=bias,
+                        val_accuracy=final.get("val_accuracy", float("nan")))
+        print(f"saved {cfg.out_dir}/ckpt.pt")
+    d.close()
+
+
+if __name__ == "__main__":
+    cli(main)

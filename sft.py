@@ -1,0 +1,235 @@
+"""Stages 0 and 1: next-token training of a GPT, pretraining from scratch or supervised fine-tuning (SFT).
+
+With --sft-data (JSONL prompt/response, or Alpaca) the loss counts only the response tokens and the
+end-of-text token (the paper's SFT, section 3.5); with --text-data alone (.txt or JSONL {"text"}) every
+token counts, which is how the built-in world's base model is pretrained from scratch. With both, a
+fraction --ptx-fraction of each batch is pretraining text (the paper's PPO init was SFT with 10%).
+
+    python sft.py --text-data runs/world/pretrain.txt --out-dir runs/base                 # stage 0, CPU
+    python sft.py --init runs/base/ckpt.pt --sft-data runs/world/sft_train.jsonl \\
+                  --val-sft-data runs/world/sft_val.jsonl --out-dir runs/sft                # stage 1
+    python sft.py --init gpt2 --sft-data hh/sft_train.jsonl --compile --out-dir runs/sft   # one GPU
+    torchrun --nproc_per_node=4 sft.py ...                                                  # data-parallel
+
+Deviations from the paper: tiny models and few epochs on the built-in world; the final SFT model is the
+last one, not the one with the best RM score on a validation set (the paper selects by RM score).
+"""
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from common import (Dist, RunLog, cli, cosine_lr, encode_example, load_checkpoint, model_from_checkpoint,
+                    pad_right, parse_config, save_checkpoint, set_seed, shuffled_indices, warn_counts)
+from data.formats import load_sft, load_text
+from data.tokenizer import get_tokenizer
+from model import GPT, GPTConfig, GPT2_NAMES
+
+
+@dataclass
+class SFTConfig:
+    out_dir: str = "runs/sft"  # where ckpt.pt and metrics.jsonl go
+    init: str = "scratch"  # "scratch", a checkpoint of this project, a GPT-2 name (gpt2, gpt2-medium, ...) or HF dir
+    sft_data: str | None = None  # demonstrations: JSONL {"prompt","response"} (or Alpaca); loss on responses only
+    val_sft_data: str | None = None  # held-out demonstrations for the validation loss
+    text_data: str | None = None  # pretraining text (.txt or JSONL {"text"}); every token counts
+    val_text_data: str | None = None  # held-out pretraining text for the validation loss
+    ptx_fraction: float = 0.1  # with both data kinds: fraction of each batch that is pretraining text
+    tokenizer: str = "byte"  # tokenizer for --init scratch ("byte" or "gpt2"); otherwise the checkpoint's
+    n_layer: int = 4  # scratch model: layers
+    n_head: int = 4  # scratch model: attention heads
+    n_embd: int = 128  # scratch model: width
+    seq_len: int = 256  # longest training sequence (the scratch model's block_size)
+    dropout: float = 0.0  # residual/attention dropout (the paper's SFT used 0.2)
+    epochs: float = 1.0  # passes over the SFT data (over the text, when pretraining); the paper used 16
+    max_iters: int = 0  # optimiser steps; 0 = derived from epochs
+    batch_size: int = 32  # sequences per optimiser step, over all processes
+    micro_batch_size: int = 32  # sequences per forward pass; the rest is gradient accumulation
+    lr: float = 1e-3  # peak learning rate
+    min_lr_ratio: float = 0.1  # cosine decay to this fraction of the peak (the paper: 10%)
+    warmup_iters: int = 0  # linear warmup steps (the paper: none)
+    weight_decay: float = 0.1  # AdamW weight decay on matrices
+    beta1: float = 0.9  # Adam beta1 (paper 0.9)
+    beta2: float = 0.95  # Adam beta2 (paper 0.95)
+    grad_clip: float = 1.0  # clip the global gradient norm; 0 = off
+    eval_interval: int = 100  # steps between validation losses
+    eval_batches: int = 20  # validation micro-batches per evaluation
+    log_interval: int = 10  # steps between log lines
+    device: str = "auto"  # auto, cpu, cuda, cuda:1, mps
+    compile: bool = False  # torch.compile the model
+    seed: int = 0  # seed for init, data order and dropout
+
+    def __post_init__(self):
+        if not self.sft_data and not self.text_data:
+            raise ValueError("give --sft-data (demonstrations) and/or --text-data (pretraining text)")
+        if not 0.0 <= self.ptx_fraction < 1.0:
+            raise ValueError(f"--ptx-fraction must be in [0, 1), got {self.ptx_fraction}")
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(f"--batch-size {self.batch_size} is not a multiple of --micro-batch-size "
+                             f"{self.micro_batch_size}")
+
+
+class Batches:
+    """The global batch of step `it`, the same on every rank: SFT examples in epoch-shuffled order and
+    pretraining windows at random offsets. Derived from `it` alone, so any step can be reproduced."""
+
+    def __init__(self, examples, text_tokens, cfg, seq_len):
+        self.examples, self.text, self.seq_len, self.seed = examples, text_tokens, seq_len, cfg.seed
+        if not examples:
+            self.n_text = cfg.batch_size  # pretraining
+        else:
+            self.n_text = round(cfg.ptx_fraction * cfg.batch_size) if text_tokens is not None else 0
+        self.n_sft = cfg.batch_size - self.n_text
+        if text_tokens is not None and len(text_tokens) <= seq_len + 1:
+            raise ValueError(f"pretraining text has {len(text_tokens)} tokens, fewer than --seq-len {seq_len} + 2")
+
+    def iters_per_epoch(self):
+        if self.examples:
+            return math.ceil(len(self.examples) / self.n_sft)
+        return math.ceil(len(self.text) / (self.seq_len * self.n_text))
+
+    def __call__(self, it):
+        batch = []
+        if self.n_sft:
+            batch += [self.examples[i] for i in shuffled_indices(len(self.examples), it * self.n_sft, self.n_sft, self.seed)]
+        if self.n_text:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + it)
+            offsets = torch.randint(len(self.text) - self.seq_len - 1, (self.n_text,), generator=g)
+            batch += [(self.text[o:o + self.seq_len + 1].tolist(), 0) for o in offsets.tolist()]
+        return batch
+
+
+def collate(batch, device):
+    """Inputs x, targets y (-1 at padding) and the loss mask: 1 on the tokens that count, i.e. targets at
+    positions >= n_query - 1 (the response and its end-of-text; everything for pretraining text)."""
+    x = pad_right([ids[:-1] for ids, _ in batch], 0)
+    y = pad_right([ids[1:] for ids, _ in batch], -1)
+    pos = torch.arange(y.size(1)).unsqueeze(0)  # (1, T)
+    n_query = torch.tensor([nq for _, nq in batch]).unsqueeze(1)  # (B, 1)
+    mask = (pos >= n_query - 1) & (y >= 0)  # (B, T)
+    return x.to(device), y.to(device), mask.to(device)
+
+
+def evaluate(model, examples, cfg, d):
+    """Mean loss per counted token over (up to eval_batches micro-batches of) the validation examples."""
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, min(len(examples), cfg.eval_batches * cfg.micro_batch_size), cfg.micro_batch_size):
+            x, y, mask = collate(examples[i:i + cfg.micro_batch_size], d.device)
+            with d.autocast():
+                _, loss = model(x, y, loss_mask=mask)
+            total += loss.item() * mask.sum().item()
+            count += mask.sum().item()
+    model.train()
+    return total / max(count, 1)
+
+
+def text_windows(tokens, seq_len, limit):
+    """Consecutive, non-overlapping windows of held-out text, as (ids, 0) examples (every token counts)."""
+    return [(tokens[i:i + seq_len + 1].tolist(), 0) for i in range(0, len(tokens) - seq_len - 1, seq_len)][:limit]
+
+
+def main():
+    # -- config and setup
+    cfg = parse_config(SFTConfig)
+    d = Dist(cfg.device)
+    set_seed(cfg.seed)  # the same init on every rank
+    log = RunLog(cfg.out_dir, enabled=d.master)
+
+    # -- model (before the data: its tokenizer and context length decide how the data is encoded)
+    if cfg.init == "scratch":
+        tokenizer = cfg.tokenizer
+        tok = get_tokenizer(tokenizer)
+        model = GPT(GPTConfig(block_size=cfg.seq_len, vocab_size=tok.n_vocab, n_layer=cfg.n_layer,
+                              n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout))
+    elif cfg.init in GPT2_NAMES or not cfg.init.endswith(".pt"):
+        tokenizer, model = "gpt2", GPT.from_pretrained(cfg.init, dropout=cfg.dropout)
+    else:
+        ckpt = load_checkpoint(cfg.init)
+        tokenizer, model = ckpt["tokenizer"], model_from_checkpoint(ckpt, head="lm", dropout=cfg.dropout)
+    tok = get_tokenizer(tokenizer)
+    seq_len = min(cfg.seq_len, model.config.block_size)
+    model.to(d.device)
+    if cfg.compile:
+        model.compile()
+    raw_model = model
+    if d.ddp:
+        model = DDP(model, device_ids=[d.local_rank] if d.device_type == "cuda" else None)
+    if d.master:
+        print(f"model: {raw_model.get_num_params() / 1e6:.2f}M parameters, tokenizer {tokenizer}, "
+              f"device {d.device}, {d.world_size} process(es)")
+
+    # -- data
+    def encode_sft(path):
+        records, stats = load_sft(path), {}
+        out = [e for r in records if (e := encode_example(tok, r["prompt"], r["response"], seq_len + 1, stats))]
+        warn_counts(path, stats, len(records))
+        return out
+    train_sft = encode_sft(cfg.sft_data) if cfg.sft_data else []
+    val_sft = encode_sft(cfg.val_sft_data) if cfg.val_sft_data else []
+    text = torch.tensor(tok.encode(load_text(cfg.text_data))) if cfg.text_data else None
+    val_text = text_windows(torch.tensor(tok.encode(load_text(cfg.val_text_data))), seq_len,
+                            cfg.eval_batches * cfg.micro_batch_size) if cfg.val_text_data else []
+    batches = Batches(train_sft, text, cfg, seq_len)
+    max_iters = cfg.max_iters or max(1, round(cfg.epochs * batches.iters_per_epoch()))
+
+    # -- optimiser
+    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), d.device_type)
+    if cfg.batch_size % (cfg.micro_batch_size * d.world_size):
+        raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch-size x processes "
+                         f"({cfg.micro_batch_size} x {d.world_size})")
+    accum = cfg.batch_size // (cfg.micro_batch_size * d.world_size)
+
+    # -- training loop
+    t_last = time.time()
+    for it in tqdm(range(max_iters), desc="sft" if cfg.sft_data else "pretrain", disable=not d.master):
+        lr = cosine_lr(it, max_iters, cfg.lr, cfg.lr * cfg.min_lr_ratio, cfg.warmup_iters)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch = batches(it)
+        # normalise by the counted tokens of the whole global batch, so that the loss (and gradient) is
+        # the same however the batch is split over micro-batches and processes
+        n_global = sum(len(ids) - max(n_query, 1) for ids, n_query in batch)
+        mine = batch[d.rank::d.world_size]
+        loss_sum = torch.zeros((), device=d.device)
+        for micro in range(accum):
+            x, y, mask = collate(mine[micro * cfg.micro_batch_size:(micro + 1) * cfg.micro_batch_size], d.device)
+            if d.ddp:
+                model.require_backward_grad_sync = micro == accum - 1  # all-reduce once, on the last micro-batch
+            with d.autocast():
+                _, loss = model(x, y, loss_mask=mask)
+            # DDP averages gradients over processes: scale by world_size to get a sum over the global batch
+            scaled = loss * mask.sum() / n_global
+            (scaled * d.world_size).backward()
+            loss_sum += scaled.detach()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        if it % cfg.log_interval == 0 or it == max_iters - 1:
+            loss = d.all_reduce_mean(loss_sum).item() * d.world_size
+            dt = (time.time() - t_last) / (cfg.log_interval if it else 1)
+            t_last = time.time()
+            log.log(it, loss=loss, lr=lr, ms=dt * 1000, tokens_per_s=sum(len(ids) - 1 for ids, _ in batch) / dt)
+        if d.master and (val_sft or val_text) and (it % cfg.eval_interval == 0 or it == max_iters - 1):
+            metrics = {}
+            if val_sft:
+                metrics["val_loss"] = evaluate(raw_model, val_sft, cfg, d)
+            if val_text:
+                metrics["val_text_loss"] = evaluate(raw_model, val_text, cfg, d)
+            log.log(it, **metrics)
+
+    # -- save
+    if d.master:
+        save_checkpoint(f"{cfg.out_dir}/ckpt.pt", raw_model, cfg, tokenizer, iter=max_iters)
+        print(f"saved {cfg.out_dir}/ckpt.pt")
+    d.close()
+
+
+if __name__ == "__main__":
+    cli(main)

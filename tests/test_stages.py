@@ -1,0 +1,146 @@
+"""Stages 0-2: the RM's K-wise loss, SFT's loss mask, and the scripts end to end (also under torchrun)."""
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from common import load_checkpoint, model_from_checkpoint
+from data.tokenizer import get_tokenizer
+from model import GPT, GPTConfig
+from reward import better_than, forward_prompts, ranking_loss
+from sft import collate
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_ranking_loss_equals_brute_force_over_all_pairs():
+    torch.manual_seed(0)
+    rankings = [[2, 0, 3, 1], [1, 0], [4, 2, 0, 1, 3, 5, 6, 8, 7]]  # K = 4, 2, 9 in one batch
+    Kmax = 9
+    rewards = torch.randn(3, Kmax)
+    better = torch.zeros(3, Kmax, Kmax, dtype=torch.bool)
+    for p, rk in enumerate(rankings):
+        better[p, :len(rk), :len(rk)] = better_than(rk, len(rk))
+    got = ranking_loss(rewards, better)
+    for p, rk in enumerate(rankings):
+        pairs = list(itertools.combinations(rk, 2))  # (w, l): w appears earlier in the ranking = better
+        assert len(pairs) == math.comb(len(rk), 2)
+        ref = -sum(math.log(1 / (1 + math.exp(-(rewards[p, w] - rewards[p, l]).item()))) for w, l in pairs)
+        assert got[p].item() == pytest.approx(ref / len(pairs), rel=1e-5)
+
+
+def test_ranking_loss_gradient_matches_hand_derivation():
+    r = torch.tensor([[0.3, -1.2, 2.0]], requires_grad=True)
+    ranking = [1, 2, 0]  # response 1 best, then 2, then 0
+    loss = ranking_loss(r, better_than(ranking, 3)[None])[0]
+    loss.backward()
+    # d/dr_i of -1/C sum log sigmoid(r_w - r_l) = -1/C [sum_{i beats l} sigmoid(r_l - r_i) - sum_{w beats i} sigmoid(r_i - r_w)]
+    sig = lambda z: 1 / (1 + math.exp(-z))
+    v = r.detach()[0].tolist()
+    pairs = list(itertools.combinations(ranking, 2))
+    for i in range(3):
+        g = sum(sig(v[l] - v[i]) for w, l in pairs if w == i) - sum(sig(v[i] - v[w]) for w, l in pairs if l == i)
+        assert r.grad[0, i].item() == pytest.approx(-g / len(pairs), rel=1e-5)
+
+
+def test_each_response_is_forwarded_once():
+    torch.manual_seed(0)
+    rm = GPT(GPTConfig(block_size=32, vocab_size=40, n_layer=1, n_head=2, n_embd=16, head="scalar"))
+    rows_seen = []
+    rm.register_forward_hook(lambda mod, args, out: rows_seen.append(args[0].size(0)))
+    prompts = [{"seqs": [[1, 2, 3 + k] for k in range(K)], "ranking": list(range(K))} for K in (4, 9, 2)]
+    rewards, better = forward_prompts(rm, prompts, "cpu")
+    assert rows_seen == [4 + 9 + 2]  # one pass, K rows per prompt: not 2 * C(K, 2)
+    assert rewards.shape == (3, 9) and better[0].sum() == 6 and better[1].sum() == 36 and better[2].sum() == 1
+
+
+def test_sft_loss_mask_counts_response_tokens_only():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=40, n_layer=1, n_head=2, n_embd=16)).eval()
+    ids, n_query = [5, 6, 7, 8, 9, 10, 11, 12], 5  # 5 prompt tokens, then a 3-token response
+    x, y, mask = collate([(ids, n_query)], "cpu")
+    loss = model(x, y, loss_mask=mask)[1]
+    # the prediction of the first response token (from the last prompt token) counts, earlier ones do not
+    assert mask[0].tolist() == [0, 0, 0, 0, 1, 1, 1]
+    for t in range(len(ids) - 1):
+        y2 = y.clone()
+        y2[0, t] = (y2[0, t] + 1) % 40
+        changed = not torch.allclose(model(x, y2, loss_mask=mask)[1], loss)
+        assert changed == (t >= n_query - 1), t
+
+
+def write_tiny_data(d):
+    words = ["stone", "apple", "river", "cloud", "green", "table", "house", "light"]
+    text = " ".join(f"the reverse of {w} is {w[::-1]}." for w in words * 20)
+    (d / "text.txt").write_text(text)
+    with open(d / "sft.jsonl", "w") as f:
+        for w in words * 4:
+            f.write(json.dumps({"prompt": f"Reverse the word {w}.", "response": f"{w[::-1]}."}) + "\n")
+    with open(d / "rank.jsonl", "w") as f:
+        for w in words * 2:
+            resp = [f"{w[::-1]}.", f"I think {w[::-1]}.", f"{w}.", "No."]
+            f.write(json.dumps({"prompt": f"Reverse the word {w}.", "responses": resp, "ranking": [0, 1, 2, 3]}) + "\n")
+
+
+def run(args, cwd, nproc=None):
+    cmd = [sys.executable, *args] if nproc is None else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+TINY_MODEL = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--seq-len", "64", "--device", "cpu"]
+
+
+def test_pretrain_sft_rm_end_to_end_through_the_command_lines(tmp_path):
+    write_tiny_data(tmp_path)
+    run([str(ROOT / "sft.py"), "--text-data", "text.txt", "--val-text-data", "text.txt", "--out-dir", "base",
+         "--max-iters", "4", "--batch-size", "8", "--micro-batch-size", "4", *TINY_MODEL], tmp_path)
+    run([str(ROOT / "sft.py"), "--init", "base/ckpt.pt", "--sft-data", "sft.jsonl", "--val-sft-data", "sft.jsonl",
+         "--text-data", "text.txt", "--ptx-fraction", "0.25", "--out-dir", "sft", "--max-iters", "4",
+         "--batch-size", "8", "--micro-batch-size", "8", "--device", "cpu"], tmp_path)
+    run([str(ROOT / "reward.py"), "--init", "sft/ckpt.pt", "--data", "rank.jsonl", "--val-data", "rank.jsonl",
+         "--demo-data", "sft.jsonl", "--out-dir", "rm", "--max-iters", "3", "--batch-size", "4",
+         "--micro-batch-size", "2", "--device", "cpu"], tmp_path)
+    sft = load_checkpoint(tmp_path / "sft" / "ckpt.pt")
+    rm_ckpt = load_checkpoint(tmp_path / "rm" / "ckpt.pt")
+    assert sft["tokenizer"] == rm_ckpt["tokenizer"] == "byte" and sft["model_config"]["head"] == "lm"
+    rm = model_from_checkpoint(rm_ckpt)
+    assert rm.config.head == "scalar" and "reward_bias" in rm_ckpt
+    idx = torch.tensor([get_tokenizer("byte").encode("\n\nHuman: hi\n\nAssistant: ok")])
+    assert rm(idx)[0].shape == idx.shape
+    losses = [json.loads(l)["loss"] for l in open(tmp_path / "sft" / "metrics.jsonl") if '"loss"' in l]
+    assert all(math.isfinite(x) for x in losses)
+
+
+def test_bad_config_is_a_one_line_error(tmp_path):
+    res = subprocess.run([sys.executable, str(ROOT / "sft.py"), "--sft-data", "x.jsonl", "--batch-size", "10",
+                          "--micro-batch-size", "4"], cwd=tmp_path, capture_output=True, text=True)
+    assert res.returncode == 2 and "multiple of --micro-batch-size" in res.stderr
+
+
+def test_ddp_two_processes_match_one_process(tmp_path):
+    write_tiny_data(tmp_path)
+    common = [str(ROOT / "sft.py"), "--text-data", "text.txt", "--sft-data", "sft.jsonl", "--ptx-fraction", "0.25",
+              "--max-iters", "5", "--batch-size", "8", "--micro-batch-size", "2", "--log-interval", "1", *TINY_MODEL]
+    run([*common, "--out-dir", "single"], tmp_path)
+    run([*common, "--out-dir", "ddp"], tmp_path, nproc=2)
+
+    def losses(name):
+        return [json.loads(l)["loss"] for l in open(tmp_path / name / "metrics.jsonl") if '"loss"' in l]
+    single, ddp = losses("single"), losses("ddp")
+    assert len(single) == len(ddp) == 5
+    assert single == pytest.approx(ddp, rel=1e-4, abs=1e-5)
+    a = load_checkpoint(tmp_path / "single" / "ckpt.pt")["model"]
+    b = load_checkpoint(tmp_path / "ddp" / "ckpt.pt")["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-3)
