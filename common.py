@@ -219,6 +219,13 @@ def shuffled_indices(n, start, count, seed):
     return out
 
 
+def text_windows(tokens, n, seq_len, generator):
+    """n random windows of seq_len + 1 tokens from a 1-D tensor of pretraining text, as (ids, 0) examples
+    (0 query tokens: every token counts)."""
+    offsets = torch.randint(len(tokens) - seq_len - 1, (n,), generator=generator)
+    return [(tokens[o:o + seq_len + 1].tolist(), 0) for o in offsets.tolist()]
+
+
 def encode_example(tok, prompt, response, max_len, stats):
     """Token ids of `prompt` + `response` in the chat template and the number of query tokens, in at most
     max_len tokens. An over-long prompt loses tokens from the left (stats["truncated"] counts them); an
@@ -247,6 +254,19 @@ def pad_right(seqs, pad_value):
     for i, s in enumerate(seqs):
         out[i, :len(s)] = torch.as_tensor(s, dtype=torch.long)
     return out
+
+
+def pad_left(seqs, pad_value):
+    """(B, T) left-padded ids and their attention mask (1 = real): prompts of different lengths end at the
+    same column, so generation appends to all rows at once."""
+    T = max(len(s) for s in seqs)
+    idx = torch.full((len(seqs), T), pad_value, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if len(s):
+            idx[i, T - len(s):] = torch.as_tensor(s, dtype=torch.long)
+            mask[i, T - len(s):] = 1
+    return idx, mask
 
 
 def cli(main):

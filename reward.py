@@ -77,9 +77,10 @@ def ranking_loss(rewards, better):
     return pair_losses.sum(dim=(1, 2)) / better.sum(dim=(1, 2)).clamp(min=1)
 
 
-def rm_scores(model, idx, last):
-    """r_theta(x, y): the scalar head's output at each row's last real token (index `last`)."""
-    values, _ = model(idx)
+def rm_scores(model, idx, last, attention_mask=None):
+    """r_theta(x, y): the scalar head's output at each row's last real token (index `last`); pass the
+    attention mask when rows are left-padded."""
+    values, _ = model(idx, attention_mask=attention_mask)
     return values[torch.arange(idx.size(0), device=idx.device), last]  # (N,)
 
 

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from common import (Dist, RunLog, cli, cosine_lr, encode_example, load_checkpoint, model_from_checkpoint,
-                    pad_right, parse_config, save_checkpoint, set_seed, shuffled_indices, warn_counts)
+                    pad_right, parse_config, save_checkpoint, set_seed, shuffled_indices, text_windows, warn_counts)
 from data.formats import load_sft, load_text
 from data.tokenizer import get_tokenizer
 from model import GPT, GPTConfig, GPT2_NAMES
@@ -97,8 +97,7 @@ class Batches:
             batch += [self.examples[i] for i in shuffled_indices(len(self.examples), it * self.n_sft, self.n_sft, self.seed)]
         if self.n_text:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + it)
-            offsets = torch.randint(len(self.text) - self.seq_len - 1, (self.n_text,), generator=g)
-            batch += [(self.text[o:o + self.seq_len + 1].tolist(), 0) for o in offsets.tolist()]
+            batch += text_windows(self.text, self.n_text, self.seq_len, g)
         return batch
 
 
@@ -128,7 +127,7 @@ def evaluate(model, examples, cfg, d):
     return total / max(count, 1)
 
 
-def text_windows(tokens, seq_len, limit):
+def val_windows(tokens, seq_len, limit):
     """Consecutive, non-overlapping windows of held-out text, as (ids, 0) examples (every token counts)."""
     return [(tokens[i:i + seq_len + 1].tolist(), 0) for i in range(0, len(tokens) - seq_len - 1, seq_len)][:limit]
 
@@ -172,7 +171,7 @@ def main():
     train_sft = encode_sft(cfg.sft_data) if cfg.sft_data else []
     val_sft = encode_sft(cfg.val_sft_data) if cfg.val_sft_data else []
     text = torch.tensor(tok.encode(load_text(cfg.text_data))) if cfg.text_data else None
-    val_text = text_windows(torch.tensor(tok.encode(load_text(cfg.val_text_data))), seq_len,
+    val_text = val_windows(torch.tensor(tok.encode(load_text(cfg.val_text_data))), seq_len,
                             cfg.eval_batches * cfg.micro_batch_size) if cfg.val_text_data else []
     batches = Batches(train_sft, text, cfg, seq_len)
     max_iters = cfg.max_iters or max(1, round(cfg.epochs * batches.iters_per_epoch()))

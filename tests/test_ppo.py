@@ -1,0 +1,103 @@
+"""PPO's pieces against independent computations: GAE by a reverse loop, the clipped losses by hand, and
+rewards/log-probs at the right positions under left padding and early end-of-text."""
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from common import pad_left
+from model import GPT, GPTConfig
+from ppo import compute_gae, compute_rewards, forward_response, ppo_losses, response_mask, value_of_response
+
+EOS = 1
+
+
+def gae_loop(rewards, values, length, gamma, lam):
+    """The textbook reverse loop over one response of `length` tokens."""
+    adv, last = [0.0] * length, 0.0
+    for t in reversed(range(length)):
+        next_value = values[t + 1] if t + 1 < length else 0.0
+        delta = rewards[t] + gamma * next_value - values[t]
+        last = delta + gamma * lam * last
+        adv[t] = last
+    return adv, [a + v for a, v in zip(adv, values[:length])]
+
+
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.8), (1.0, 1.0)])
+def test_gae_vectorised_equals_reverse_loop(gamma, lam):
+    torch.manual_seed(0)
+    B, R = 4, 9
+    lengths = [9, 1, 5, 7]
+    mask = torch.tensor([[1.0] * n + [0.0] * (R - n) for n in lengths])
+    rewards = torch.randn(B, R) * mask
+    values = torch.randn(B, R)  # garbage past the end must not matter
+    adv, ret = compute_gae(rewards, values, mask, gamma, lam)
+    for b, n in enumerate(lengths):
+        ref_adv, ref_ret = gae_loop(rewards[b].tolist(), values[b].tolist(), n, gamma, lam)
+        assert adv[b, :n].tolist() == pytest.approx(ref_adv, abs=1e-5)
+        assert ret[b, :n].tolist() == pytest.approx(ref_ret, abs=1e-5)
+        assert (adv[b, n:] == 0).all() and (ret[b, n:] == 0).all()
+
+
+def test_clipped_losses_equal_hand_computation():
+    cfg = SimpleNamespace(cliprange=0.2, cliprange_value=0.2)
+    new = torch.tensor([[0.0, -1.0, -0.5]])
+    old = torch.tensor([[-0.5, -0.7, -0.5]])
+    adv = torch.tensor([[1.0, -2.0, 0.5]])
+    vpred = torch.tensor([[0.5, 1.0, -1.0]])
+    old_v = torch.tensor([[0.0, 0.9, 0.0]])
+    ret = torch.tensor([[1.0, 0.0, -2.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])  # the third token is past the end
+    pg, vf, stats = ppo_losses(new, old, adv, vpred, old_v, ret, mask, cfg)
+    pg_terms, vf_terms, clipped = [], [], 0
+    for t in range(2):
+        ratio = math.exp(new[0, t] - old[0, t])
+        clip_ratio = min(max(ratio, 0.8), 1.2)
+        pg_terms.append(max(-adv[0, t].item() * ratio, -adv[0, t].item() * clip_ratio))
+        clipped += abs(ratio - 1) > 0.2
+        v, v0, r = vpred[0, t].item(), old_v[0, t].item(), ret[0, t].item()
+        v_clip = v0 + min(max(v - v0, -0.2), 0.2)
+        vf_terms.append(max((v - r) ** 2, (v_clip - r) ** 2))
+    assert pg.item() == pytest.approx(sum(pg_terms) / 2, rel=1e-6)
+    assert vf.item() == pytest.approx(0.5 * sum(vf_terms) / 2, rel=1e-6)
+    assert stats["clipfrac"] == pytest.approx(clipped / 2)
+
+
+def test_rewards_kl_at_the_right_positions_with_early_eos():
+    response = torch.tensor([[5, 6, EOS, 0, 0], [7, 8, 9, 4, 3], [EOS, 0, 0, 0, 0]])
+    mask = response_mask(response, EOS).float()
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+    logprobs = torch.randn(3, 5)
+    ref_logprobs = torch.randn(3, 5)
+    scores = torch.tensor([2.0, -1.0, 0.5])
+    rewards, kl, nsr = compute_rewards(scores, logprobs, ref_logprobs, mask, beta=0.1)
+    for b, last in enumerate([2, 4, 0]):
+        for t in range(5):
+            k = (logprobs[b, t] - ref_logprobs[b, t]).item() if t <= last else 0.0
+            assert kl[b, t].item() == pytest.approx(k, abs=1e-6)
+            expected = -0.1 * k + (scores[b].item() if t == last else 0.0)
+            assert rewards[b, t].item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_response_logprobs_and_values_under_left_padding_equal_unpadded_rows():
+    torch.manual_seed(0)
+    cfg = GPTConfig(block_size=32, vocab_size=20, n_layer=2, n_head=2, n_embd=16)
+    policy = GPT(cfg).eval()
+    value_model = GPT(GPTConfig(**{**cfg.__dict__, "head": "scalar"})).eval()
+    queries = [[3, 4, 5, 6, 7], [8, 9]]
+    responses = [[10, 11, EOS, 0], [12, 13, 14, 15]]  # row 0 ended early; 0 is padding after its end
+    query, qmask = pad_left(queries, 0)
+    response = torch.tensor(responses)
+    mask = response_mask(response, EOS)
+    seq, attn = torch.cat([query, response], 1), torch.cat([qmask, mask], 1)
+    with torch.no_grad():
+        logprobs, _ = forward_response(policy, seq, attn, query.size(1), temperature=0.7)
+        values = value_of_response(value_model, seq, attn, query.size(1))
+        for b, (q, r) in enumerate(zip(queries, responses)):
+            n = int(mask[b].sum())
+            alone = torch.tensor([q + r[:n]])
+            ref = policy.token_logprobs(alone, temperature=0.7)[0, len(q) - 1:]
+            torch.testing.assert_close(logprobs[b, :n], ref, atol=1e-5, rtol=1e-5)
+            ref_v = value_model(alone)[0][0, len(q) - 1:-1]
+            torch.testing.assert_close(values[b, :n], ref_v, atol=1e-5, rtol=1e-5)
