@@ -1,0 +1,389 @@
+"""Evaluation: win rate against the SFT model on held-out prompts, the paper's headline (Figure 1).
+
+Each model answers every held-out prompt once (sampled at --temperature), and is measured by:
+
+    win_rate_vs_sft  the gold judge (data/judge.py) compares its response with the SFT model's response
+                     to the same prompt: win 1, tie 0.5, loss 0, averaged over prompts. 95% CI by the
+                     normal approximation over the per-prompt outcomes, mean +- 1.96 s / sqrt(n) (ties make
+                     the outcomes three-valued, so a binomial interval such as Wilson's does not apply)
+    gold_score       the gold judge's 0..1 score (the world's true preference; 1.0 = the gold answer)
+    rm_score         the reward model's score (the proxy the policy was optimised against; 0 = the average
+                     demonstration)
+    kl_vs_sft        sum over response tokens of log pi(y_t | x, y_<t) - log pi_SFT(y_t | x, y_<t), on the
+                     model's own samples, at the sampling temperature, averaged over prompts
+    pretrain_loss    next-token loss on held-out pretraining text (the "alignment tax", section 4.2)
+    mean_length      response tokens before end-of-text
+    family_accuracy  per task family, the fraction of responses with the gold content (hedges and filler
+                     aside); `accuracy` is the same over all prompts, `exact` the fraction exactly gold
+
+Models (each only when its checkpoint is given; --sft and --rm are required):
+
+    base           the pretrained model, zero-shot in the chat template (GPT-3 in the paper)
+    base_prompted  the same with a few-shot prefix of k demonstrations from --few-shot-data, each in the
+                   chat template with its end-of-text, fixed by --seed ("GPT-3 prompted")
+    sft, ppo, ppo_ptx  the stage checkpoints
+    best_of_n      N SFT samples per prompt, the one with the highest RM score kept. Its KL is not
+                   estimated from samples but is the analytic value log N - (N - 1) / N (Stiennon et al.
+                   2020; Gao, Schulman & Hilton 2022, "Scaling laws for reward model overoptimization"),
+                   an upper bound on the true KL (Beirami et al. 2024)
+
+    python evaluate.py --prompts runs/world/test_prompts.jsonl --sft runs/sft/ckpt.pt --rm runs/rm/ckpt.pt \\
+        --base runs/base/ckpt.pt --few-shot-data runs/world/sft_train.jsonl --ppo runs/ppo/ckpt.pt \\
+        --ppo-ptx runs/ppo_ptx/ckpt.pt --pretrain-val runs/world/pretrain_val.txt --out-dir runs/eval  # CPU
+    python evaluate.py ... --device cuda --batch-size 256                                   # one GPU
+
+Writes report.json, report.md, winrate.png (winrate.txt, a text chart, without matplotlib) and
+samples.jsonl to --out-dir. Every model samples with a generator seeded by --seed: the same random
+numbers for every model, so a model identical to SFT gives SFT's responses (win rate 0.5, KL 0).
+
+Deviations from the paper: the judge is the built-in world's gold judge, not held-out labelers. On data
+without one (HH-RLHF), --judge rm compares RM scores instead and gold_score is null; best_of_n then wins
+by construction, as the judge is the RM that picked it. Everything runs in fp32: the KL is a difference
+of two large log-probabilities, and bf16 would add noise to it.
+"""
+import json
+import math
+import random
+import sys
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from common import autodetect_device, cli, load_checkpoint, model_from_checkpoint, pad_left, parse_config
+from data.formats import encode_chat, load_prompts, load_sft, load_text, truncate_left, write_jsonl, write_text
+from data.judge import assess, judge_pair
+from data.tokenizer import get_tokenizer
+from data.world import parse_prompt
+from reward import rm_scores
+from sample import decode_response, encode_queries, load_policy, make_generator, sample_responses
+
+MODELS = ("base", "base_prompted", "sft", "ppo", "ppo_ptx", "best_of_n")  # the report's order
+
+
+@dataclass
+class EvalConfig:
+    prompts: str = "runs/world/test_prompts.jsonl"  # held-out prompts (JSONL with a "prompt" field)
+    sft: str = "runs/sft/ckpt.pt"  # the SFT checkpoint: the baseline of every win rate and KL
+    rm: str = "runs/rm/ckpt.pt"  # the reward model checkpoint (scalar head)
+    base: str | None = None  # the pretrained base checkpoint: evaluates base (and base_prompted)
+    ppo: str | None = None  # the PPO checkpoint
+    ppo_ptx: str | None = None  # the PPO-ptx checkpoint
+    few_shot_data: str | None = None  # demonstrations for base_prompted's few-shot prefix (needs --base)
+    few_shot_k: int = 3  # demonstrations in the few-shot prefix
+    pretrain_val: str | None = None  # held-out pretraining text for the alignment tax
+    pretrain_windows: int = 128  # windows of block_size tokens of --pretrain-val to average the loss over
+    best_of: int = 4  # N of best_of_n; 0 = leave best_of_n out
+    out_dir: str = "runs/eval"  # where the report, the chart and the samples go
+    max_prompts: int = 600  # use the first N prompts; 0 = all
+    temperature: float = 1.0  # sampling temperature of every model (the KL is computed at it too)
+    max_new_tokens: int = 64  # longest response, in tokens
+    batch_size: int = 64  # sequences per generation / scoring batch
+    seed: int = 0  # seed of the sampler (the same for every model) and of the few-shot examples
+    device: str = "auto"  # auto, cpu, cuda, cuda:1, mps
+    judge: str = "gold"  # "gold": the world's gold judge; "rm": RM-score comparisons (real data)
+
+    def __post_init__(self):
+        if self.judge not in ("gold", "rm"):
+            raise ValueError(f"--judge must be 'gold' or 'rm', got {self.judge!r}")
+        if self.temperature <= 0:
+            raise ValueError("--temperature must be > 0: the KL is computed at the sampling temperature")
+        if self.max_new_tokens < 1 or self.batch_size < 1 or self.best_of < 0 or self.few_shot_k < 1:
+            raise ValueError("--max-new-tokens, --batch-size and --few-shot-k must be >= 1, --best-of >= 0")
+        if self.few_shot_data and not self.base:
+            raise ValueError("--few-shot-data prompts the base model: give --base too")
+
+
+# --- the metrics ---------------------------------------------------------------------------------------------------
+def win_rate(outcomes):
+    """(mean, (lo, hi)) of per-prompt outcomes (1 win, 0.5 tie, 0 loss): the 95% normal-approximation
+    interval mean +- 1.96 * s / sqrt(n), s the sample standard deviation, clipped to [0, 1]."""
+    n = len(outcomes)
+    mean = sum(outcomes) / n
+    if n < 2:
+        return mean, (0.0, 1.0)
+    s = math.sqrt(sum((o - mean) ** 2 for o in outcomes) / (n - 1))
+    half = 1.96 * s / math.sqrt(n)
+    return mean, (max(0.0, mean - half), min(1.0, mean + half))
+
+
+def best_of_n_kl(n):
+    """KL(best-of-n || base policy) = log n - (n - 1) / n (Stiennon et al. 2020), an upper bound."""
+    return math.log(n) - (n - 1) / n
+
+
+@torch.no_grad()
+def response_logprobs(model, contexts, responses, temperature, batch_size):
+    """sum_t log pi(y_t | context, y_<t) of each response, under softmax(logits / temperature)."""
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(contexts), batch_size):
+        resp = responses[i:i + batch_size]
+        idx, mask = pad_left([c + r for c, r in zip(contexts[i:i + batch_size], resp)], 0)  # (B, T)
+        lp = model.token_logprobs(idx.to(device), mask.to(device), temperature).cpu()  # (B, T-1)
+        # left-padded rows end together: the last len(r) tokens are the response, predicted at the
+        # columns T-1-len(r) .. T-2 of lp
+        first = idx.size(1) - 1 - torch.tensor([len(r) for r in resp])  # (B,)
+        counted = torch.arange(lp.size(1))[None, :] >= first[:, None]  # (B, T-1)
+        out += torch.where(counted, lp, 0.0).sum(1).tolist()
+    return out
+
+
+@torch.no_grad()
+def reward_scores(rm, queries, responses, batch_size):
+    """r(x, y) at each response's last token (its end-of-text when emitted)."""
+    device = next(rm.parameters()).device
+    out = []
+    for i in range(0, len(queries), batch_size):
+        seqs = [truncate_left(q + r, rm.config.block_size)[0]
+                for q, r in zip(queries[i:i + batch_size], responses[i:i + batch_size])]
+        idx, mask = pad_left(seqs, 0)  # (B, T): every row's last token is in column T - 1
+        last = torch.full((idx.size(0),), idx.size(1) - 1, device=device)
+        out += rm_scores(rm, idx.to(device), last, mask.to(device)).float().cpu().tolist()
+    return out
+
+
+@torch.no_grad()
+def pretrain_loss(model, windows, batch_size):
+    """Mean next-token cross-entropy over the held-out windows (every token counts); None without them."""
+    if windows is None:
+        return None
+    device = next(model.parameters()).device
+    total = 0.0
+    for i in range(0, len(windows), batch_size):
+        w = windows[i:i + batch_size].to(device)  # (B, L + 1)
+        total += model(w[:, :-1], w[:, 1:])[1].item() * w.size(0)
+    return total / len(windows)
+
+
+# --- the models' responses ---------------------------------------------------------------------------------------
+def few_shot_contexts(tok, demos, queries, k, seed, max_len):
+    """Each query after k fixed demonstrations (query + response + end-of-text each, the SFT sequences).
+    Where they do not all fit in max_len tokens, the earliest whole demonstrations are left out."""
+    shots = [sum(encode_chat(tok, d["prompt"], d["response"]), [])
+             for d in random.Random(seed).sample(demos, min(k, len(demos)))]
+    out, used = [], []
+    for q in queries:
+        j = 0
+        while j < len(shots) and sum(len(s) for s in shots[j:]) + len(q) > max_len:
+            j += 1
+        out.append([t for s in shots[j:] for t in s] + q)
+        used.append(len(shots) - j)
+    if min(used) < len(shots):
+        print(f"warning: base_prompted: {sum(u < len(shots) for u in used)} of {len(queries)} queries have fewer "
+              f"than {len(shots)} demonstrations to fit the context (mean {sum(used) / len(used):.2f})",
+              file=sys.stderr)
+    return out
+
+
+def load_like(path, sft, tokenizer, device):
+    """A policy checkpoint that shares the SFT model's tokenizer and fits its context."""
+    model, other = load_policy(path, device)
+    if other != tokenizer or model.config.block_size < sft.config.block_size:
+        raise ValueError(f"{path} does not match --sft (tokenizer {other!r} vs {tokenizer!r}, block_size "
+                         f"{model.config.block_size} vs {sft.config.block_size})")
+    return model
+
+
+def run_policy(name, model, contexts, queries, sft, rm, tok, cfg):
+    """Sample one response per query from model (conditioned on contexts) and score it with the RM and
+    the KL to the SFT model (conditioned on the plain queries)."""
+    t0 = time.time()
+    device = next(model.parameters()).device
+    responses = sample_responses(model, contexts, tok, cfg.max_new_tokens, cfg.temperature, cfg.batch_size,
+                                 make_generator(device, cfg.seed), desc=name)
+    logp = response_logprobs(model, contexts, responses, cfg.temperature, cfg.batch_size)
+    logp_sft = logp if model is sft else response_logprobs(sft, queries, responses, cfg.temperature, cfg.batch_size)
+    # kl = sum_t log pi(y_t) - log pi_SFT(y_t): the k1 estimate on the policy's own samples
+    return {"responses": responses, "rm": reward_scores(rm, queries, responses, cfg.batch_size),
+            "kl": [a - b for a, b in zip(logp, logp_sft)], "seconds": time.time() - t0}
+
+
+def run_best_of_n(sft, rm, queries, tok, cfg):
+    """N SFT samples per prompt, the highest RM score kept (rejection sampling against the RM)."""
+    t0, N = time.time(), cfg.best_of
+    device = next(sft.parameters()).device
+    repeated = [q for q in queries for _ in range(N)]  # (n_prompts * N) contexts, each prompt N times in a row
+    samples = sample_responses(sft, repeated, tok, cfg.max_new_tokens, cfg.temperature, cfg.batch_size,
+                               make_generator(device, cfg.seed), desc="best_of_n")
+    scores = reward_scores(rm, repeated, samples, cfg.batch_size)
+    best = [max(range(i * N, (i + 1) * N), key=scores.__getitem__) for i in range(len(queries))]
+    return {"responses": [samples[j] for j in best], "rm": [scores[j] for j in best],
+            "kl": [best_of_n_kl(N)] * len(queries), "seconds": time.time() - t0}
+
+
+def summarise(run, sft_run, prompts, tok, cfg):
+    """The report's entry for one model, and its per-prompt texts, scores and outcomes against SFT."""
+    texts = [decode_response(tok, r) for r in run["responses"]]
+    sft_texts = [decode_response(tok, r) for r in sft_run["responses"]]
+    if cfg.judge == "gold":
+        parts = [assess(p, t) for p, t in zip(prompts, texts)]
+        outcomes = [judge_pair(p, a, b) for p, a, b in zip(prompts, texts, sft_texts)]
+    else:  # the RM as judge: identical texts tie, otherwise the higher RM score wins
+        parts = None
+        outcomes = [0.5 if a == b or ra == rb else float(ra > rb)
+                    for a, b, ra, rb in zip(texts, sft_texts, run["rm"], sft_run["rm"])]
+    rate, (lo, hi) = win_rate(outcomes)
+    n = len(prompts)
+    entry = {"win_rate_vs_sft": rate, "win_rate_ci": [lo, hi], "gold_score": None,
+             "rm_score": sum(run["rm"]) / n, "kl_vs_sft": sum(run["kl"]) / n, "pretrain_loss": None,
+             "mean_length": sum(len(r) - (r[-1:] == [tok.eot_token]) for r in run["responses"]) / n,
+             "ended": sum(r[-1:] == [tok.eot_token] for r in run["responses"]) / n, "family_accuracy": {}}
+    if parts is not None:
+        entry["gold_score"] = sum(p["score"] for p in parts) / n
+        entry["accuracy"] = sum(p["content"] == 1.0 for p in parts) / n
+        entry["exact"] = sum(p["exact"] for p in parts) / n
+        entry["hedged"] = sum(p["hedged"] for p in parts) / n
+        by_family = defaultdict(list)
+        for prompt, p in zip(prompts, parts):
+            task = parse_prompt(prompt)
+            if task is not None:
+                by_family[task.family].append(p["content"] == 1.0)
+        entry["family_accuracy"] = {f: sum(v) / len(v) for f, v in sorted(by_family.items())}
+    rows = [{"response": t, "gold_score": p["score"] if parts else None, "rm_score": r, "kl": k, "vs_sft": o}
+            for t, p, r, k, o in zip(texts, parts or [None] * n, run["rm"], run["kl"], outcomes)]
+    return entry, rows
+
+
+# --- the outputs ---------------------------------------------------------------------------------------------------
+def _f(v, fmt=".3f"):
+    return "-" if v is None else format(v, fmt)
+
+
+def markdown_table(report):
+    models = report["models"]
+    lines = ["| model | win rate vs SFT [95% CI] | gold score | RM score | KL vs SFT | pretrain loss | length "
+             "| accuracy |", "|---|---|---|---|---|---|---|---|"]
+    for name, m in models.items():
+        lo, hi = m["win_rate_ci"]
+        lines.append(f"| {name} | {m['win_rate_vs_sft']:.3f} [{lo:.3f}, {hi:.3f}] | {_f(m['gold_score'])} | "
+                     f"{m['rm_score']:+.3f} | {m['kl_vs_sft']:.2f} | {_f(m['pretrain_loss'])} | "
+                     f"{m['mean_length']:.1f} | {_f(m.get('accuracy'))} |")
+    families = sorted({f for m in models.values() for f in m["family_accuracy"]})
+    if families:
+        lines += ["", "Accuracy (gold content) per task family:", "",
+                  "| model | " + " | ".join(families) + " |", "|---|" + "---|" * len(families)]
+        for name, m in models.items():
+            lines.append(f"| {name} | " + " | ".join(_f(m["family_accuracy"].get(f), ".2f") for f in families) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def text_chart(report, width=40):
+    """Win rates as bars of '#', with '|' at 0.5 and the CI in brackets."""
+    lines = [f"win rate vs SFT (judge: {report['config']['judge']}), '|' marks 0.5"]
+    pad = max(len(n) for n in report["models"])
+    for name, m in report["models"].items():
+        bar = list("#" * round(m["win_rate_vs_sft"] * width) + " " * width)[:width]
+        bar[width // 2] = "|"
+        lo, hi = m["win_rate_ci"]
+        lines.append(f"{name:<{pad}} {''.join(bar)} {m['win_rate_vs_sft']:.3f} [{lo:.3f}, {hi:.3f}]")
+    return "\n".join(lines) + "\n"
+
+
+def plot_win_rates(report, out_dir):
+    """Figure 1's analogue: win rate against SFT per model, 95% CI bars, 0.5 dashed. Returns the file."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        chart = text_chart(report)
+        print(chart)
+        write_text(out_dir / "winrate.txt", chart)
+        return out_dir / "winrate.txt"
+    names = list(report["models"])
+    rates = [report["models"][n]["win_rate_vs_sft"] for n in names]
+    err = [[r - report["models"][n]["win_rate_ci"][0] for n, r in zip(names, rates)],
+           [report["models"][n]["win_rate_ci"][1] - r for n, r in zip(names, rates)]]  # (2, n_models)
+    fig, ax = plt.subplots(figsize=(1.3 * len(names) + 2, 4))
+    ax.errorbar(range(len(names)), rates, yerr=err, fmt="o", capsize=4)
+    ax.axhline(0.5, linestyle="--", color="gray")
+    ax.set_xticks(range(len(names)), names)
+    ax.set_xlim(-0.5, len(names) - 0.5)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("win rate against SFT")
+    ax.set_title(f"{report['n_prompts']} held-out prompts, judge: {report['config']['judge']}, 95% CI")
+    fig.tight_layout()
+    fig.savefig(out_dir / "winrate.png", dpi=120)
+    plt.close(fig)
+    return out_dir / "winrate.png"
+
+
+def main():
+    # -- config and setup
+    cfg = parse_config(EvalConfig)
+    device = autodetect_device() if cfg.device == "auto" else cfg.device
+    out_dir = Path(cfg.out_dir)
+    t_start = time.time()
+
+    # -- models: the SFT reference and the RM stay loaded; the others are loaded in turn
+    sft, tokenizer = load_policy(cfg.sft, device)
+    rm_ckpt = load_checkpoint(cfg.rm)
+    if rm_ckpt["model_config"].get("head") != "scalar":
+        raise ValueError(f"--rm {cfg.rm} is not a reward model (its head is not scalar); pass reward.py's checkpoint")
+    rm = model_from_checkpoint(rm_ckpt).to(device).eval()
+    if rm_ckpt["tokenizer"] != tokenizer:
+        raise ValueError(f"--rm uses tokenizer {rm_ckpt['tokenizer']!r} but --sft uses {tokenizer!r}")
+    tok = get_tokenizer(tokenizer)
+
+    # -- data
+    prompts = load_prompts(cfg.prompts)
+    prompts = prompts[:cfg.max_prompts] if cfg.max_prompts else prompts
+    max_query = sft.config.block_size - cfg.max_new_tokens
+    if max_query < 1:
+        raise ValueError(f"--max-new-tokens {cfg.max_new_tokens} leaves no room for the prompt in "
+                         f"block_size {sft.config.block_size}")
+    queries = encode_queries(tok, prompts, max_query)
+    windows = None
+    if cfg.pretrain_val:
+        text = torch.tensor(tok.encode(load_text(cfg.pretrain_val)))
+        L = min(sft.config.block_size, len(text) - 1)
+        windows = torch.stack([text[i:i + L + 1] for i in range(0, len(text) - L, L)][:cfg.pretrain_windows])
+
+    # -- responses and scores, model by model (SFT first: it is every comparison's baseline)
+    runs, tax = {}, {}
+    runs["sft"] = run_policy("sft", sft, queries, queries, sft, rm, tok, cfg)
+    tax["sft"] = pretrain_loss(sft, windows, cfg.batch_size)
+    if cfg.base:
+        base = load_like(cfg.base, sft, tokenizer, device)
+        runs["base"] = run_policy("base", base, queries, queries, sft, rm, tok, cfg)
+        tax["base"] = tax["base_prompted"] = pretrain_loss(base, windows, cfg.batch_size)
+        if cfg.few_shot_data:
+            contexts = few_shot_contexts(tok, load_sft(cfg.few_shot_data), queries, cfg.few_shot_k, cfg.seed, max_query)
+            runs["base_prompted"] = run_policy("base_prompted", base, contexts, queries, sft, rm, tok, cfg)
+        del base
+    for name, path in (("ppo", cfg.ppo), ("ppo_ptx", cfg.ppo_ptx)):
+        if path:
+            model = load_like(path, sft, tokenizer, device)
+            runs[name] = run_policy(name, model, queries, queries, sft, rm, tok, cfg)
+            tax[name] = pretrain_loss(model, windows, cfg.batch_size)
+            del model
+    if cfg.best_of:
+        runs["best_of_n"] = run_best_of_n(sft, rm, queries, tok, cfg)
+        tax["best_of_n"] = tax["sft"]  # the SFT model's weights
+
+    # -- judge and report
+    report = {"models": {}, "seconds": {}, "n_prompts": len(prompts), "config": asdict(cfg)}
+    per_prompt = [{"prompt": p, "responses": {}} for p in prompts]
+    for name in (n for n in MODELS if n in runs):
+        entry, rows = summarise(runs[name], runs["sft"], prompts, tok, cfg)
+        entry["pretrain_loss"] = tax[name]
+        report["models"][name] = entry
+        report["seconds"][name] = round(runs[name]["seconds"], 3)
+        for record, row in zip(per_prompt, rows):
+            record["responses"][name] = row
+    report["total_seconds"] = round(time.time() - t_start, 3)
+    write_text(out_dir / "report.json", json.dumps(report, indent=2) + "\n")
+    table = markdown_table(report)
+    write_text(out_dir / "report.md", f"# Evaluation on {len(prompts)} held-out prompts ({cfg.prompts})\n\n{table}")
+    write_jsonl(out_dir / "samples.jsonl", per_prompt)
+    chart = plot_win_rates(report, out_dir)
+    print(f"wrote {out_dir / 'report.json'}, report.md, samples.jsonl and {chart.name} "
+          f"in {report['total_seconds']:.1f}s\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    cli(main)

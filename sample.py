@@ -1,0 +1,199 @@
+"""Sample responses from trained checkpoints: look at them side by side, or collect them for labelers.
+
+Compare checkpoints on the same prompts (the same seed for every model, so a model identical to another
+gives identical samples):
+
+    python sample.py --ckpt runs/sft/ckpt.pt --ckpt runs/ppo/ckpt.pt --prompts runs/world/test_prompts.jsonl
+    python sample.py --ckpt runs/sft/ckpt.pt,runs/ppo/ckpt.pt --prompt "Reverse the word stone."
+
+Collect K = 4..9 samples per prompt from the SFT model, the input of the simulated labelers (the paper's
+labelers rank K = 4..9 model outputs per prompt, section 3.5):
+
+    python sample.py collect --ckpt runs/sft/ckpt.pt --prompts runs/world/rankings_train.jsonl \\
+                             --out runs/samples_train.jsonl
+    python -m data.world rank --samples runs/samples_train.jsonl --out runs/rankings_sft.jsonl
+
+Any JSONL with a "prompt" field serves as --prompts (prompts, rankings, demonstrations). On a GPU add
+--device cuda and a larger --batch-size. The helpers here (loading a policy, encoding queries, batched
+sampling, decoding) are also evaluate.py's.
+"""
+import random
+import sys
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from common import autodetect_device, cli, load_checkpoint, model_from_checkpoint, pad_left, parse_config
+from data.formats import encode_chat, load_prompts, truncate_left, write_jsonl
+from data.tokenizer import get_tokenizer
+
+
+@dataclass
+class SampleConfig:
+    ckpt: str = "runs/sft/ckpt.pt"  # checkpoint(s) to compare: repeat --ckpt or separate paths with commas
+    prompts: str | None = None  # JSONL with a "prompt" field (prompts, rankings or demonstrations)
+    prompt: str | None = None  # one ad-hoc prompt instead of --prompts
+    n: int = 8  # prompts shown: the first n of --prompts
+    temperature: float = 1.0  # sampling temperature; 0 = greedy
+    max_new_tokens: int = 64  # longest response, in tokens
+    batch_size: int = 64  # sequences per generation batch
+    device: str = "auto"  # auto, cpu, cuda, cuda:1, mps
+    seed: int = 0  # seed of the sampler (the same for every checkpoint)
+
+    def __post_init__(self):
+        if (self.prompts is None) == (self.prompt is None):
+            raise ValueError("give either --prompts FILE or --prompt TEXT")
+        if self.temperature < 0:
+            raise ValueError(f"--temperature must be >= 0, got {self.temperature}")
+
+
+@dataclass
+class CollectConfig:
+    ckpt: str = "runs/sft/ckpt.pt"  # the policy to sample from (the paper: the SFT model, then later policies)
+    prompts: str = "runs/world/rankings_train.jsonl"  # JSONL with a "prompt" field (prompts or rankings)
+    out: str = "runs/samples_train.jsonl"  # JSONL {"prompt", "responses"} for `python -m data.world rank`
+    k_min: int = 4  # fewest samples per prompt (the paper: 4)
+    k_max: int = 9  # most samples per prompt (the paper: 9)
+    max_prompts: int = 0  # use the first N prompts; 0 = all
+    temperature: float = 1.0  # sampling temperature (the paper samples at 1)
+    max_new_tokens: int = 64  # longest response, in tokens
+    batch_size: int = 64  # sequences per generation batch
+    device: str = "auto"  # auto, cpu, cuda, cuda:1, mps
+    seed: int = 0  # seed of K and of the sampler
+
+    def __post_init__(self):
+        if not 1 <= self.k_min <= self.k_max:
+            raise ValueError(f"need 1 <= --k-min <= --k-max, got {self.k_min}, {self.k_max}")
+        if self.temperature <= 0:
+            raise ValueError("--temperature must be > 0: greedy decoding gives K identical responses")
+
+
+# --- helpers shared with evaluate.py -------------------------------------------------------------------------
+def load_policy(path, device):
+    """(model in eval mode on device, tokenizer name) of a language-model checkpoint (base, SFT or PPO)."""
+    ckpt = load_checkpoint(path)
+    if ckpt["model_config"].get("head", "lm") != "lm":
+        raise ValueError(f"{path} is a reward-model checkpoint (scalar head); give a policy checkpoint here")
+    return model_from_checkpoint(ckpt).to(device).eval(), ckpt["tokenizer"]
+
+
+def encode_queries(tok, prompts, max_len, prefix=()):
+    """Token ids of each prompt in the chat template, after an optional fixed prefix of ids, in at most
+    max_len tokens (the room left for the response). Over-long queries lose tokens on the left; a warning
+    counts them."""
+    out, cut = [], 0
+    for p in prompts:
+        ids, was_cut = truncate_left(list(prefix) + encode_chat(tok, p)[0], max_len)
+        out.append(ids)
+        cut += was_cut
+    if cut:
+        print(f"warning: {cut} of {len(prompts)} queries truncated on the left to fit {max_len} tokens",
+              file=sys.stderr)
+    return out
+
+
+@torch.no_grad()
+def sample_responses(model, contexts, tok, max_new_tokens, temperature, batch_size, generator, desc=None):
+    """One sampled response per context (a list of token ids), in batches of left-padded contexts.
+    A response is its tokens up to and including the first end-of-text, when one was emitted."""
+    device = next(model.parameters()).device
+    responses = []
+    for i in tqdm(range(0, len(contexts), batch_size), desc=desc, disable=desc is None, leave=False):
+        idx, mask = pad_left(contexts[i:i + batch_size], tok.pad_token)  # (B, T)
+        tokens = model.generate(idx.to(device), max_new_tokens, temperature=temperature,
+                                attention_mask=mask.to(device), eos_token_id=tok.eot_token,
+                                pad_token_id=tok.pad_token, generator=generator)
+        for row in tokens[:, idx.size(1):].tolist():
+            responses.append(row[:row.index(tok.eot_token) + 1] if tok.eot_token in row else row)
+    return responses
+
+
+def decode_response(tok, ids):
+    """The response text: the ids before end-of-text, without the template's leading space."""
+    if tok.eot_token in ids:
+        ids = ids[:ids.index(tok.eot_token)]
+    return tok.decode(ids).strip()
+
+
+def make_generator(device, seed):
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+# --- the two jobs ----------------------------------------------------------------------------------------------
+def join_repeated(argv, flag):
+    """argparse keeps only the last of a repeated option: join every `flag X` (or `flag=X`) with commas."""
+    values, rest, i = [], [], 0
+    while i < len(argv):
+        if argv[i] == flag and i + 1 < len(argv):
+            values.append(argv[i + 1])
+            i += 2
+            continue
+        if argv[i].startswith(flag + "="):
+            values.append(argv[i][len(flag) + 1:])
+        else:
+            rest.append(argv[i])
+        i += 1
+    return rest + ([flag, ",".join(values)] if values else [])
+
+
+def model_names(paths):
+    """Short names for checkpoints: the directory name (runs/ppo/ckpt.pt -> ppo), the path when ambiguous."""
+    names = [p.rstrip("/").split("/")[-2] if "/" in p.rstrip("/") else p for p in paths]
+    return names if len(set(names)) == len(names) else list(paths)
+
+
+def compare(cfg):
+    device = autodetect_device() if cfg.device == "auto" else cfg.device
+    prompts = [cfg.prompt] if cfg.prompt is not None else load_prompts(cfg.prompts)[:cfg.n]
+    paths = [p for p in cfg.ckpt.split(",") if p]
+    answers, tokenizers = {}, set()
+    for name, path in zip(model_names(paths), paths):
+        model, tokenizer = load_policy(path, device)
+        tokenizers.add(tokenizer)
+        tok = get_tokenizer(tokenizer)
+        queries = encode_queries(tok, prompts, model.config.block_size - cfg.max_new_tokens)
+        responses = sample_responses(model, queries, tok, cfg.max_new_tokens, cfg.temperature, cfg.batch_size,
+                                     make_generator(device, cfg.seed), desc=name)
+        answers[name] = [decode_response(tok, r) for r in responses]
+    if len(tokenizers) > 1:
+        print(f"note: the checkpoints use different tokenizers {sorted(tokenizers)}", file=sys.stderr)
+    width = max(len(n) for n in answers)
+    for i, prompt in enumerate(prompts):
+        print(f"\n[{i + 1}] {prompt}")
+        for name, texts in answers.items():
+            print(f"  {name:<{width}} | {texts[i]!r}")
+
+
+def collect(cfg):
+    device = autodetect_device() if cfg.device == "auto" else cfg.device
+    prompts = load_prompts(cfg.prompts)
+    prompts = prompts[:cfg.max_prompts] if cfg.max_prompts else prompts
+    model, tokenizer = load_policy(cfg.ckpt, device)
+    tok = get_tokenizer(tokenizer)
+    rng = random.Random(f"{cfg.seed}/k")
+    ks = [rng.randint(cfg.k_min, cfg.k_max) for _ in prompts]  # K ~ uniform on [k_min, k_max] per prompt
+    queries = encode_queries(tok, prompts, model.config.block_size - cfg.max_new_tokens)
+    contexts = [q for q, k in zip(queries, ks) for _ in range(k)]  # each prompt repeated K times, in order
+    responses = sample_responses(model, contexts, tok, cfg.max_new_tokens, cfg.temperature, cfg.batch_size,
+                                 make_generator(device, cfg.seed), desc="collect")
+    records, start = [], 0
+    for prompt, k in zip(prompts, ks):
+        records.append({"prompt": prompt, "responses": [decode_response(tok, r) for r in responses[start:start + k]]})
+        start += k
+    write_jsonl(cfg.out, records)
+    empty = sum(not r for rec in records for r in rec["responses"])
+    print(f"wrote {len(contexts)} samples for {len(records)} prompts (K {cfg.k_min}..{cfg.k_max}, "
+          f"{empty} empty) -> {cfg.out}")
+
+
+def main():
+    argv = sys.argv[1:]
+    if argv[:1] == ["collect"]:
+        collect(parse_config(CollectConfig, argv[1:]))
+    else:
+        compare(parse_config(SampleConfig, join_repeated(argv, "--ckpt")))
+
+
+if __name__ == "__main__":
+    cli(main)
