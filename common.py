@@ -9,7 +9,9 @@ import json
 import math
 import os
 import re
+import signal
 import sys
+import tempfile
 import time
 import typing
 from contextlib import nullcontext
@@ -36,11 +38,16 @@ def _field_comments(cls):
     return comments
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit code 2, without argparse's full usage text
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def parse_config(cls, argv=None):
     """Build the stage's config dataclass from the command line; `--help` lists every field and default."""
     doc = (sys.modules[cls.__module__].__doc__ or "").strip()
-    parser = argparse.ArgumentParser(description=doc.split("\n")[0] if doc else None,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = _Parser(description=doc.split("\n")[0] if doc else None,
+                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     comments = _field_comments(cls)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -50,7 +57,7 @@ def parse_config(cls, argv=None):
         if optional:
             kind = next(a for a in typing.get_args(kind) if a is not type(None))
         name = "--" + f.name.replace("_", "-")
-        help_text = comments.get(f.name, " ")
+        help_text = comments.get(f.name, " ").replace("%", "%%")  # argparse formats help with %
         if kind is bool:
             parser.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
         else:
@@ -127,21 +134,32 @@ def atomic_save(obj, path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # an error or a second Ctrl-C: no temporary file left behind
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _finite_weights(model, path):
+    state = {k: v.detach().cpu() for k, v in getattr(model, "module", model).state_dict().items()}  # unwrap DDP
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise FloatingPointError(f"not saving {path}: non-finite weights in {bad[:3]}")
+    return state
 
 
 def save_checkpoint(path, model, config, tokenizer, **extra):
     """Save the model's weights with its architecture, the stage config that made it and the tokenizer
-    name. Refuses non-finite weights, so a diverged run never overwrites a good checkpoint."""
-    model = getattr(model, "module", model)  # unwrap DDP
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise FloatingPointError(f"not saving {path}: non-finite weights in {bad[:3]}")
+    name. Refuses non-finite weights, so a diverged run never overwrites a good checkpoint; so are other
+    models passed in extra (stored as their state dicts)."""
+    model = getattr(model, "module", model)
+    state = _finite_weights(model, path)
+    extra = {k: _finite_weights(v, path) if isinstance(v, torch.nn.Module) else v for k, v in extra.items()}
     ckpt = {"model": state, "model_config": dataclasses.asdict(model.config),
             "config": dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config),
             "tokenizer": tokenizer, **extra}
@@ -149,11 +167,16 @@ def save_checkpoint(path, model, config, tokenizer, **extra):
 
 
 def load_checkpoint(path, map_location="cpu"):
-    """Load a checkpoint dict without unpickling code (weights_only=True)."""
+    """Load a checkpoint dict without unpickling code (weights_only=True). Says so when it is the periodic
+    save of a run that has not finished (stopped by Ctrl-C or a crash)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    if ckpt.get("iter", 0) < ckpt.get("max_iters", 0):
+        print(f"note: {path} is from an unfinished run (step {ckpt['iter']} of {ckpt['max_iters']}); "
+              "its stage's --resume finishes it", file=sys.stderr)
+    return ckpt
 
 
 def model_from_checkpoint(ckpt, head=None, dropout=None):
@@ -180,6 +203,21 @@ class RunLog:
         self.t0 = time.time()
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def forget_from(self, step):
+        """Drop the records of steps >= step, which a resumed run logs again (an interrupted run may have
+        logged them after its last save), and a torn last line left by a crash."""
+        if not self.enabled or not self.path.is_file():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines(keepends=True):
+            try:
+                if json.loads(line)["step"] < step:
+                    kept.append(line)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue
+        from data.formats import write_text
+        write_text(self.path, "".join(kept))
 
     def log(self, step, echo=True, **metrics):
         if not self.enabled:
@@ -269,11 +307,166 @@ def pad_left(seqs, pad_value):
     return idx, mask
 
 
+# --- reliability: up-front checks, resumable training state, Ctrl-C, non-finite steps ---------------------
+def preflight(out_dir, inputs, resume=False):
+    """Catch the mistakes that would otherwise surface after minutes of loading: a missing input file
+    (inputs: {flag: path or None}), an output directory that cannot be written, --resume with nothing to
+    resume. Raises FileNotFoundError/ValueError: one line and exit code 2 through cli()."""
+    for flag, path in inputs.items():
+        if path and not Path(path).exists():
+            raise FileNotFoundError(f"{flag} {path}: no such file or directory")
+    try:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as e:
+        raise ValueError(f"--out-dir {out_dir} is not a writable directory ({e.strerror}); choose another") from None
+    if resume and not (Path(out_dir) / "ckpt.pt").is_file():
+        raise FileNotFoundError(f"--resume: no {Path(out_dir) / 'ckpt.pt'} to continue from; run without --resume")
+
+
+def training_state(d, optimizers, generators=()):
+    """What --resume needs besides the weights: the optimisers' moments and every RNG's state (the data
+    order follows from the step alone). Tensors and plain values only, so that it loads with
+    weights_only=True. Under DDP each rank's generators are gathered, so call it on every rank."""
+    import random
+    import numpy as np
+    py_version, py_state, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    mine = [g.get_state() for g in generators]
+    every_rank = [mine]
+    if d.ddp and generators:
+        every_rank = [None] * d.world_size
+        dist.all_gather_object(every_rank, mine)
+    rng = {"torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state(d.device) if d.device_type == "cuda" else None,
+           "python": (py_version, torch.tensor(py_state), py_gauss),
+           "numpy": (np_name, torch.from_numpy(np_keys.astype(np.int64)), int(np_pos), int(np_has_gauss),
+                     float(np_gauss)),
+           "generators": every_rank}
+    return {"optimizers": [opt.state_dict() for opt in optimizers], "rng": rng}
+
+
+def resume_training(ckpt, cfg, max_iters, d, log, optimizers, generators=()):
+    """Restore an interrupted run's optimisers and RNGs from its checkpoint (its weights are already in the
+    models), drop the metrics it logged after that save, and return the step to continue from."""
+    import random
+    import numpy as np
+    path = Path(cfg.out_dir) / "ckpt.pt"
+    if "optimizers" not in ckpt:
+        raise ValueError(f"--resume: {path} holds weights but no training state; run without --resume")
+    if ckpt["iter"] >= max_iters:
+        raise ValueError(f"--resume: {path} has finished all {max_iters} steps; raise --max-iters to train on")
+    changed = sorted(k for k, v in ckpt["config"].items() if k != "resume" and getattr(cfg, k, v) != v)
+    if changed and d.master:
+        print(f"warning: resuming with settings changed since the checkpoint: {', '.join(changed)}", file=sys.stderr)
+    for opt, state in zip(optimizers, ckpt["optimizers"], strict=True):
+        opt.load_state_dict(state)
+    rng = ckpt["rng"]
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and d.device_type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], d.device)
+    random.setstate((rng["python"][0], tuple(rng["python"][1].tolist()), rng["python"][2]))
+    np.random.set_state((rng["numpy"][0], rng["numpy"][1].numpy().astype(np.uint32), *rng["numpy"][2:]))
+    if len(rng["generators"]) == d.world_size:
+        for g, state in zip(generators, rng["generators"][d.rank]):
+            g.set_state(state)
+    elif generators and d.master:
+        print("warning: resuming with another number of processes: sampling generators start afresh", file=sys.stderr)
+    log.forget_from(ckpt["iter"])
+    if d.master:
+        print(f"resuming {path} at step {ckpt['iter']} of {max_iters}")
+    return ckpt["iter"]
+
+
+class Interrupt:
+    """Ctrl-C for a training loop. The first SIGINT lets the current step finish; the loop then ends, the
+    stage saves its training state as at the end of a run, and exits with code 130 (not 0: `set -e` scripts
+    such as train.sh stop instead of starting the next stage on a half-trained model). A second SIGINT
+    aborts at once (KeyboardInterrupt) without saving."""
+
+    def __init__(self, d):
+        self.d, self.requested, self.done, self.total = d, False, 0, 0
+        signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _on_sigint(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        # os.write, not print: a signal handler may interrupt a print in progress
+        os.write(2, b"\nCtrl-C: finishing this step, then saving the training state (Ctrl-C again aborts)\n")
+
+    def steps(self, start, stop):
+        """range(start, stop) that ends after the step during which Ctrl-C came; self.done counts the
+        steps completed."""
+        self.done, self.total = start, stop
+        for it in range(start, stop):
+            yield it
+            self.done = it + 1
+            if self.d.ddp:  # every rank stops after the same step, or the next collective would hang
+                flag = torch.tensor(float(self.requested), device=self.d.device)
+                self.requested = self.d.all_reduce_mean(flag).item() > 0
+            if self.requested:
+                return
+
+    def exit_if_requested(self, out_dir):
+        if self.requested:
+            if self.d.master:
+                print(f"stopped by Ctrl-C after step {self.done} of {self.total}; the training state is in "
+                      f"{out_dir}/ckpt.pt: the same command with --resume continues", file=sys.stderr)
+            sys.exit(130)
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many non-finite steps in a row: the run stops without saving."""
+
+
+class NonFiniteGuard:
+    """Skips optimiser steps whose loss or gradient norm is NaN or inf: one bad batch (an overflow, a broken
+    example) then costs a step instead of poisoning the weights and Adam's moments. max_bad such steps in a
+    row stop the run (TrainingDiverged, exit code 1), since a learning rate that is too high makes every
+    step non-finite; the last checkpoint is left as it was."""
+
+    def __init__(self, max_bad, d):
+        self.max_bad, self.d, self.in_a_row, self.skipped = max_bad, d, 0, 0
+
+    def ok(self, step, *values):
+        """True when the optimiser may step: every value (losses, gradient norms) is finite on every rank."""
+        finite = torch.stack([torch.isfinite(v.detach().float()).all() for v in values]).all().float()
+        if self.d.all_reduce_mean(finite).item() == 1.0:
+            self.in_a_row = 0
+            return True
+        self.in_a_row += 1
+        self.skipped += 1
+        if self.d.master:
+            shown = ", ".join(f"{v.detach().float().sum().item():.3g}" for v in values)
+            tqdm.write(f"warning: step {step}: non-finite loss or gradient norm ({shown}): optimiser step skipped "
+                       f"({self.skipped} skipped so far)", file=sys.stderr)
+        if self.in_a_row >= self.max_bad:
+            raise TrainingDiverged(
+                f"step {step}: loss or gradient norm NaN/inf in {self.in_a_row} steps in a row, so the run stops "
+                "unsaved; the learning rate is likely too high (lower --lr, add --warmup-iters, keep --grad-clip) "
+                "or the data has a broken example; --resume continues from the last saved state")
+        return False
+
+    def stats(self):
+        """{"skipped_steps": n} for the log once any step was skipped."""
+        return {"skipped_steps": self.skipped} if self.skipped else {}
+
+
 def cli(main):
-    """Run a stage's main(); data and config errors end with one line and exit code 2."""
+    """Run a stage's main(). Data and config errors end with one line and exit code 2; a diverged run (or
+    one refused a non-finite checkpoint) with one line and exit code 1; Ctrl-C during setup or a second
+    Ctrl-C in training with exit code 130 (a first Ctrl-C in training saves first: see Interrupt)."""
     from data.formats import DataError
     try:
         main()
     except (DataError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except (TrainingDiverged, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("aborted by Ctrl-C: nothing saved since the last checkpoint", file=sys.stderr)
+        sys.exit(130)

@@ -13,6 +13,7 @@ model from the RM (separate weights and learning rate). Every iteration reads as
     python ppo.py --sft runs/sft/ckpt.pt --rm runs/rm/ckpt.pt --prompts runs/world/ppo_prompts.jsonl   # CPU
     python ppo.py ... --ptx-data runs/world/pretrain.txt --ptx-coef 1.0 --out-dir runs/ppo_ptx       # PPO-ptx
     torchrun --nproc_per_node=4 ppo.py ...                                                           # GPUs
+    python ppo.py ... --resume    # after Ctrl-C (which saves) or a crash: continue from out_dir/ckpt.pt
 
 Deviations from the paper (tiny models, minutes on a CPU): batch 64 rollouts and minibatch 16 (paper 512
 and 64), several PPO epochs per batch (paper 1) for sample efficiency, a policy learning rate suited to a
@@ -22,6 +23,7 @@ about how strongly each ptx token pulls against each RL token (see --ptx-coef). 
 0.992) is optional, off by default: with ~100 iterations it would mostly average the SFT weights in.
 """
 import copy
+import math
 import time
 from dataclasses import dataclass
 
@@ -30,8 +32,9 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import (Dist, RunLog, cli, load_checkpoint, model_from_checkpoint, pad_left, parse_config,
-                    save_checkpoint, set_seed, shuffled_indices, text_windows, warn_counts)
+from common import (Dist, Interrupt, NonFiniteGuard, RunLog, cli, load_checkpoint, model_from_checkpoint, pad_left,
+                    parse_config, preflight, resume_training, save_checkpoint, set_seed, shuffled_indices,
+                    text_windows, training_state, warn_counts)
 from data.formats import encode_chat, load_prompts, load_text, truncate_left
 from data.tokenizer import get_tokenizer
 from model import logprobs_from_logits
@@ -69,6 +72,9 @@ class PPOConfig:
     grad_clip: float = 1.0  # clip each model's gradient norm; 0 = off
     ema_decay: float = 0.0  # EMA of the policy weights saved for evaluation (paper 0.992); 0 = off
     sample_interval: int = 10  # iterations between tables of sample responses
+    save_interval: int = 20  # iterations between saves of the resumable training state to ckpt.pt; 0 = at the end only
+    resume: bool = False  # continue the interrupted run in out_dir from its ckpt.pt (models, optimisers, RNGs, beta)
+    max_bad_steps: int = 5  # NaN/inf minibatch steps (each skipped) in a row after which the run stops
     device: str = "auto"  # auto, cpu, cuda, cuda:1, mps
     compile: bool = False  # torch.compile the models
     seed: int = 0  # seed for prompt order and sampling
@@ -176,6 +182,10 @@ def main():
     # -- config and setup
     cfg = parse_config(PPOConfig)
     d = Dist(cfg.device)
+    if cfg.batch_size % d.world_size or cfg.minibatch_size % d.world_size:
+        raise ValueError(f"--batch-size and --minibatch-size must be multiples of the {d.world_size} processes")
+    preflight(cfg.out_dir, {"--sft": cfg.sft, "--rm": cfg.rm, "--prompts": cfg.prompts, "--ptx-data": cfg.ptx_data},
+              cfg.resume)
     set_seed(cfg.seed)
     log = RunLog(cfg.out_dir, enabled=d.master)
     sample_gen = torch.Generator(device=d.device if d.device_type == "cuda" else "cpu").manual_seed(cfg.seed + d.rank)
@@ -184,15 +194,24 @@ def main():
     sft_ckpt, rm_ckpt = load_checkpoint(cfg.sft), load_checkpoint(cfg.rm)
     if sft_ckpt["tokenizer"] != rm_ckpt["tokenizer"]:
         raise ValueError(f"{cfg.sft} uses tokenizer {sft_ckpt['tokenizer']} but {cfg.rm} uses {rm_ckpt['tokenizer']}")
+    if cfg.max_new_tokens >= sft_ckpt["model_config"]["block_size"]:
+        raise ValueError(f"--max-new-tokens {cfg.max_new_tokens} leaves no room for the prompt in the policy's context "
+                         f"of {sft_ckpt['model_config']['block_size']} tokens; lower it")
     tok = get_tokenizer(sft_ckpt["tokenizer"])
     policy = model_from_checkpoint(sft_ckpt, head="lm", dropout=0.0).to(d.device)
     ref_policy = model_from_checkpoint(sft_ckpt, head="lm", dropout=0.0).to(d.device).eval().requires_grad_(False)
     reward_model = model_from_checkpoint(rm_ckpt, dropout=0.0).to(d.device).eval().requires_grad_(False)
     value_model = model_from_checkpoint(rm_ckpt, dropout=0.0).to(d.device)
+    ema = copy.deepcopy(policy).requires_grad_(False) if cfg.ema_decay > 0 else None
+    if cfg.resume:  # the interrupted run's models; ckpt.pt's "model" is the EMA when there is one
+        resumed = load_checkpoint(f"{cfg.out_dir}/ckpt.pt")
+        policy.load_state_dict(resumed.get("policy", resumed["model"]))
+        value_model.load_state_dict(resumed["value_model"])
+        if ema is not None and "policy" in resumed:
+            ema.load_state_dict(resumed["model"])
     if cfg.compile:
         for m in (policy, ref_policy, reward_model, value_model):
             m.compile()
-    ema = copy.deepcopy(policy).requires_grad_(False) if cfg.ema_decay > 0 else None
     policy_train = DDP(policy, device_ids=[d.local_rank] if d.device_type == "cuda" else None) if d.ddp else policy
     value_train = DDP(value_model, device_ids=[d.local_rank] if d.device_type == "cuda" else None) if d.ddp else value_model
 
@@ -214,13 +233,25 @@ def main():
     kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
     n_iters = cfg.total_episodes // cfg.batch_size
     local_mb = cfg.minibatch_size // d.world_size
-    if cfg.batch_size % d.world_size or cfg.minibatch_size % d.world_size:
-        raise ValueError(f"--batch-size and --minibatch-size must be multiples of the {d.world_size} processes")
+    start = 0
+    if cfg.resume:
+        start = resume_training(resumed, cfg, n_iters, d, log, [opt_policy, opt_value], [sample_gen])
+        kl_ctl.beta = resumed["kl_beta"]
+
+    def save(step):  # the policy for evaluation (its EMA when enabled), and all that --resume needs
+        extra = training_state(d, [opt_policy, opt_value], [sample_gen])  # on every rank: gathers sample_gen
+        if ema is not None:
+            extra["policy"] = policy
+        if d.master:
+            save_checkpoint(f"{cfg.out_dir}/ckpt.pt", ema if ema is not None else policy, cfg, sft_ckpt["tokenizer"],
+                            iter=step, max_iters=n_iters, value_model=value_model, kl_beta=kl_ctl.beta, **extra)
     if d.master:
         print(f"PPO: {len(queries)} prompts, {n_iters} iterations of {cfg.batch_size} rollouts, "
               f"ptx_coef {cfg.ptx_coef}, device {d.device}, {d.world_size} process(es)")
 
-    for it in tqdm(range(n_iters), desc="ppo-ptx" if ptx_tokens is not None else "ppo", disable=not d.master):
+    interrupt, guard = Interrupt(d), NonFiniteGuard(cfg.max_bad_steps, d)  # Ctrl-C and NaN/inf: see common.py
+    for it in tqdm(interrupt.steps(start, n_iters), total=n_iters, initial=start,
+                   desc="ppo-ptx" if ptx_tokens is not None else "ppo", disable=not d.master):
         t0 = time.time()
         lr_scale = min(1.0, (it + 1) / cfg.warmup_iters) if cfg.warmup_iters else 1.0
         opt_policy.param_groups[0]["lr"], opt_value.param_groups[0]["lr"] = cfg.lr * lr_scale, cfg.vf_lr * lr_scale
@@ -294,11 +325,11 @@ def main():
                 opt_value.zero_grad(set_to_none=True)
                 loss.backward()
                 (vf_loss * d.world_size).backward()
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
-                    torch.nn.utils.clip_grad_norm_(value_model.parameters(), cfg.grad_clip)
-                opt_policy.step()
-                opt_value.step()
+                grad_norms = [torch.nn.utils.clip_grad_norm_(m.parameters(), cfg.grad_clip or math.inf)  # inf: no clip
+                              for m in (policy, value_model)]
+                if guard.ok(it, loss, vf_loss, *grad_norms):
+                    opt_policy.step()
+                    opt_value.step()
                 acc["pg_loss"] += pg_loss.item()
                 acc["vf_loss"] += vf_loss.item()
                 for k, v in st.items():
@@ -314,7 +345,7 @@ def main():
         def mean(x):
             return d.all_reduce_mean(x.float().mean()).item()
         kl_per_response = mean(kl.sum(1))
-        if cfg.adaptive_kl:
+        if cfg.adaptive_kl and math.isfinite(kl_per_response):  # one NaN KL would stick in beta for good
             kl_ctl.update(kl_per_response, cfg.batch_size)
         var_returns = returns[mask.bool()].var()
         explained_var = 1 - (returns - values)[mask.bool()].var() / var_returns.clamp(min=1e-8)
@@ -322,7 +353,7 @@ def main():
                 non_score_reward=mean(non_score_reward.sum(1)), entropy=mean(entropy), beta=kl_ctl.beta,
                 **{k: v / n_steps for k, v in acc.items() if k != "ptx_loss" or ptx_tokens is not None},
                 explained_variance=explained_var.item(), response_length=mean(mask.sum(1)),
-                ended=mean(ended), time_generate=t_gen, time_score=t_score, time_train=t_train,
+                ended=mean(ended), time_generate=t_gen, time_score=t_score, time_train=t_train, **guard.stats(),
                 echo=it % 5 == 0 or it == n_iters - 1)
         if d.master and (it % cfg.sample_interval == 0 or it == n_iters - 1):
             rows = [f"{'score':>6} {'kl':>6}  prompt -> response"]
@@ -330,14 +361,17 @@ def main():
                 text = tok.decode(response[b, :mask[b].sum()].tolist()).strip()
                 rows.append(f"{scores[b].item():6.2f} {kl[b].sum().item():6.2f}  {prompts[batch[b]]!r} -> {text!r}")
             tqdm.write("\n".join(rows))
+        if cfg.save_interval and (it + 1) % cfg.save_interval == 0 and it + 1 < n_iters:
+            save(it + 1)
 
     # -- save: the policy for evaluation (its EMA when enabled), the value model for inspection
+    save(interrupt.done)
     if d.master:
-        save_checkpoint(f"{cfg.out_dir}/ckpt.pt", ema if ema is not None else policy, cfg, sft_ckpt["tokenizer"],
-                        iter=n_iters)
-        save_checkpoint(f"{cfg.out_dir}/value.pt", value_model, cfg, sft_ckpt["tokenizer"], iter=n_iters)
+        if interrupt.done == n_iters:
+            save_checkpoint(f"{cfg.out_dir}/value.pt", value_model, cfg, sft_ckpt["tokenizer"], iter=n_iters)
         print(f"saved {cfg.out_dir}/ckpt.pt")
     d.close()
+    interrupt.exit_if_requested(cfg.out_dir)
 
 
 if __name__ == "__main__":

@@ -9,10 +9,12 @@ training, a bias is added so that the demonstrations score 0 on average.
     python reward.py --init runs/sft/ckpt.pt --data runs/world/rankings_train.jsonl \\
                      --val-data runs/world/rankings_val.jsonl --demo-data runs/world/sft_val.jsonl   # CPU
     torchrun --nproc_per_node=4 reward.py --init runs/sft/ckpt.pt ...                              # GPUs
+    python reward.py ... --resume    # after Ctrl-C (which saves) or a crash: continue from out_dir/ckpt.pt
 
 Pairwise data ({"prompt","chosen","rejected"} or HH-RLHF transcripts) is K = 2.
 Deviations from the paper: the RM is as small as the policy (the paper used a 6B RM for every policy).
 """
+import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -22,11 +24,12 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import (Dist, RunLog, cli, cosine_lr, encode_example, load_checkpoint, model_from_checkpoint,
-                    pad_right, parse_config, save_checkpoint, set_seed, shuffled_indices, warn_counts)
+from common import (Dist, Interrupt, NonFiniteGuard, RunLog, cli, cosine_lr, encode_example, load_checkpoint,
+                    model_from_checkpoint, pad_right, parse_config, preflight, resume_training, save_checkpoint,
+                    set_seed, shuffled_indices, training_state, warn_counts)
 from data.formats import load_rankings, load_sft
 from data.tokenizer import get_tokenizer
-from model import GPT
+from model import GPT, GPT2_NAMES
 
 
 @dataclass
@@ -51,6 +54,9 @@ class RewardConfig:
     dropout: float = 0.0  # dropout while training the RM
     eval_interval: int = 50  # steps between validation accuracies
     log_interval: int = 10  # steps between log lines
+    save_interval: int = 100  # steps between saves of the resumable training state to ckpt.pt; 0 = at the end only
+    resume: bool = False  # continue the interrupted run in out_dir from its ckpt.pt (weights, optimiser, step, RNGs)
+    max_bad_steps: int = 5  # NaN/inf steps (each skipped) in a row after which the run stops
     device: str = "auto"  # auto, cpu, cuda, cuda:1, mps
     compile: bool = False  # torch.compile the model
     seed: int = 0  # seed for the head's init and the data order
@@ -145,15 +151,21 @@ def main():
     # -- config and setup
     cfg = parse_config(RewardConfig)
     d = Dist(cfg.device)
+    if cfg.batch_size % (cfg.micro_batch_size * d.world_size):
+        raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch-size x processes "
+                         f"({cfg.micro_batch_size} x {d.world_size})")
+    preflight(cfg.out_dir, {"--init": cfg.init if cfg.init not in GPT2_NAMES else None, "--data": cfg.data,
+                            "--val-data": cfg.val_data, "--demo-data": cfg.demo_data}, cfg.resume)
     set_seed(cfg.seed)
     log = RunLog(cfg.out_dir, enabled=d.master)
 
-    # -- model: the SFT trunk with a fresh scalar head
-    if cfg.init.endswith(".pt"):
-        ckpt = load_checkpoint(cfg.init)
+    # -- model: the SFT trunk with a fresh scalar head (--resume: the interrupted run's RM)
+    init = f"{cfg.out_dir}/ckpt.pt" if cfg.resume else cfg.init
+    if init.endswith(".pt"):
+        ckpt = load_checkpoint(init)
         tokenizer, model = ckpt["tokenizer"], model_from_checkpoint(ckpt, head="scalar", dropout=cfg.dropout)
     else:
-        tokenizer, model = "gpt2", GPT.from_pretrained(cfg.init, head="scalar", dropout=cfg.dropout)
+        tokenizer, model = "gpt2", GPT.from_pretrained(init, head="scalar", dropout=cfg.dropout)
     tok = get_tokenizer(tokenizer)
     seq_len = min(cfg.seq_len, model.config.block_size)
     model.to(d.device)
@@ -183,14 +195,19 @@ def main():
 
     # -- optimiser
     optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), d.device_type)
-    if cfg.batch_size % (cfg.micro_batch_size * d.world_size):
-        raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch-size x processes "
-                         f"({cfg.micro_batch_size} x {d.world_size})")
     accum = cfg.batch_size // (cfg.micro_batch_size * d.world_size)
+    start = resume_training(ckpt, cfg, max_iters, d, log, [optimizer]) if cfg.resume else 0
 
-    # -- training loop: whole prompts per batch element, never shuffled-apart pairs
+    def save(step, **extra):  # the weights and what --resume needs, every --save-interval steps and at the end
+        if d.master:
+            save_checkpoint(f"{cfg.out_dir}/ckpt.pt", raw_model, cfg, tokenizer, iter=step, max_iters=max_iters,
+                            **extra, **training_state(d, [optimizer]))
+
+    # -- training loop: whole prompts per batch element, never shuffled-apart pairs (Ctrl-C: see common.py)
     t_last = time.time()
-    for it in tqdm(range(max_iters), desc="reward model", disable=not d.master):
+    interrupt, guard = Interrupt(d), NonFiniteGuard(cfg.max_bad_steps, d)
+    for it in tqdm(interrupt.steps(start, max_iters), total=max_iters, initial=start, desc="reward model",
+                   disable=not d.master):
         lr = cosine_lr(it, max_iters, cfg.lr, cfg.lr * cfg.min_lr_ratio, cfg.warmup_iters)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -208,21 +225,24 @@ def main():
             (loss * d.world_size).backward()
             loss_sum += loss.detach()
             acc_sum += (((rewards[:, :, None] > rewards[:, None, :]) & better).sum() / better.sum()).item()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)  # inf: no clip
+        if guard.ok(it, loss_sum, grad_norm):
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
         if it % cfg.log_interval == 0 or it == max_iters - 1:
             dt = (time.time() - t_last) / (cfg.log_interval if it else 1)
             t_last = time.time()
             log.log(it, loss=d.all_reduce_mean(loss_sum).item() * d.world_size, accuracy=acc_sum / accum, lr=lr,
-                    ms=dt * 1000)
+                    ms=dt * 1000, **guard.stats())
         if val and d.master and (it % cfg.eval_interval == 0 or it == max_iters - 1):
             log.log(it, **evaluate(raw_model, val, cfg, d))
+        if cfg.save_interval and (it + 1) % cfg.save_interval == 0 and it + 1 < max_iters:
+            save(it + 1)
+    finished = interrupt.done == max_iters  # else stopped by Ctrl-C: save the state to resume, as it is
 
     # -- normalise: demonstrations score 0 on average (the paper), folded into the head's bias
-    if cfg.demo_data and d.master:
+    if cfg.demo_data and d.master and finished:
         stats, records = {}, load_sft(cfg.demo_data)
         demos = [e[0] for r in records if (e := encode_example(tok, r["prompt"], r["response"], seq_len, stats))]
         warn_counts(cfg.demo_data, stats, len(records))
@@ -234,14 +254,14 @@ def main():
         bias = 0.0
 
     # -- save
+    final = evaluate(raw_model, val, cfg, d) if val and finished and d.master else {}
+    if final:
+        log.log(max_iters, **final)
+    save(interrupt.done, reward_bias=bias, val_accuracy=final.get("val_accuracy", float("nan")))
     if d.master:
-        final = evaluate(raw_model, val, cfg, d) if val else {}
-        if final:
-            log.log(max_iters, **final)
-        save_checkpoint(f"{cfg.out_dir}/ckpt.pt", raw_model, cfg, tokenizer, iter=max_iters, reward_bias=bias,
-                        val_accuracy=final.get("val_accuracy", float("nan")))
         print(f"saved {cfg.out_dir}/ckpt.pt")
     d.close()
+    interrupt.exit_if_requested(cfg.out_dir)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ fraction --ptx-fraction of each batch is pretraining text (the paper's PPO init 
                   --val-sft-data runs/world/sft_val.jsonl --out-dir runs/sft                # stage 1
     python sft.py --init gpt2 --sft-data hh/sft_train.jsonl --compile --out-dir runs/sft   # one GPU
     torchrun --nproc_per_node=4 sft.py ...                                                  # data-parallel
+    python sft.py ... --resume    # after Ctrl-C (which saves) or a crash: continue from out_dir/ckpt.pt
 
 Deviations from the paper: tiny models and few epochs on the built-in world; the final SFT model is the
 last one, not the one with the best RM score on a validation set (the paper selects by RM score).
@@ -22,8 +23,9 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import (Dist, RunLog, cli, cosine_lr, encode_example, load_checkpoint, model_from_checkpoint,
-                    pad_right, parse_config, save_checkpoint, set_seed, shuffled_indices, text_windows, warn_counts)
+from common import (Dist, Interrupt, NonFiniteGuard, RunLog, cli, cosine_lr, encode_example, load_checkpoint,
+                    model_from_checkpoint, pad_right, parse_config, preflight, resume_training, save_checkpoint,
+                    set_seed, shuffled_indices, text_windows, training_state, warn_counts)
 from data.formats import load_sft, load_text
 from data.tokenizer import get_tokenizer
 from model import GPT, GPTConfig, GPT2_NAMES
@@ -58,6 +60,9 @@ class SFTConfig:
     eval_interval: int = 100  # steps between validation losses
     eval_batches: int = 20  # validation micro-batches per evaluation
     log_interval: int = 10  # steps between log lines
+    save_interval: int = 100  # steps between saves of the resumable training state to ckpt.pt; 0 = at the end only
+    resume: bool = False  # continue the interrupted run in out_dir from its ckpt.pt (weights, optimiser, step, RNGs)
+    max_bad_steps: int = 5  # NaN/inf steps (each skipped) in a row after which the run stops
     device: str = "auto"  # auto, cpu, cuda, cuda:1, mps
     compile: bool = False  # torch.compile the model
     seed: int = 0  # seed for init, data order and dropout
@@ -136,19 +141,26 @@ def main():
     # -- config and setup
     cfg = parse_config(SFTConfig)
     d = Dist(cfg.device)
+    if cfg.batch_size % (cfg.micro_batch_size * d.world_size):
+        raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch-size x processes "
+                         f"({cfg.micro_batch_size} x {d.world_size})")
+    preflight(cfg.out_dir, {"--init": cfg.init if cfg.init not in ("scratch", *GPT2_NAMES) else None,
+                            "--sft-data": cfg.sft_data, "--val-sft-data": cfg.val_sft_data,
+                            "--text-data": cfg.text_data, "--val-text-data": cfg.val_text_data}, cfg.resume)
     set_seed(cfg.seed)  # the same init on every rank
     log = RunLog(cfg.out_dir, enabled=d.master)
 
     # -- model (before the data: its tokenizer and context length decide how the data is encoded)
-    if cfg.init == "scratch":
+    init = f"{cfg.out_dir}/ckpt.pt" if cfg.resume else cfg.init  # --resume: the interrupted run's weights
+    if init == "scratch":
         tokenizer = cfg.tokenizer
         tok = get_tokenizer(tokenizer)
         model = GPT(GPTConfig(block_size=cfg.seq_len, vocab_size=tok.n_vocab, n_layer=cfg.n_layer,
                               n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout))
-    elif cfg.init in GPT2_NAMES or not cfg.init.endswith(".pt"):
-        tokenizer, model = "gpt2", GPT.from_pretrained(cfg.init, dropout=cfg.dropout)
+    elif init in GPT2_NAMES or not init.endswith(".pt"):
+        tokenizer, model = "gpt2", GPT.from_pretrained(init, dropout=cfg.dropout)
     else:
-        ckpt = load_checkpoint(cfg.init)
+        ckpt = load_checkpoint(init)
         tokenizer, model = ckpt["tokenizer"], model_from_checkpoint(ckpt, head="lm", dropout=cfg.dropout)
     tok = get_tokenizer(tokenizer)
     seq_len = min(cfg.seq_len, model.config.block_size)
@@ -178,14 +190,19 @@ def main():
 
     # -- optimiser
     optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), d.device_type)
-    if cfg.batch_size % (cfg.micro_batch_size * d.world_size):
-        raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch-size x processes "
-                         f"({cfg.micro_batch_size} x {d.world_size})")
     accum = cfg.batch_size // (cfg.micro_batch_size * d.world_size)
+    start = resume_training(ckpt, cfg, max_iters, d, log, [optimizer]) if cfg.resume else 0
 
-    # -- training loop
+    def save(step):  # the weights and what --resume needs, every --save-interval steps and at the end
+        if d.master:
+            save_checkpoint(f"{cfg.out_dir}/ckpt.pt", raw_model, cfg, tokenizer, iter=step, max_iters=max_iters,
+                            **training_state(d, [optimizer]))
+
+    # -- training loop (Ctrl-C ends it after the current step; a NaN/inf step is skipped)
     t_last = time.time()
-    for it in tqdm(range(max_iters), desc="sft" if cfg.sft_data else "pretrain", disable=not d.master):
+    interrupt, guard = Interrupt(d), NonFiniteGuard(cfg.max_bad_steps, d)
+    for it in tqdm(interrupt.steps(start, max_iters), total=max_iters, initial=start,
+                   desc="sft" if cfg.sft_data else "pretrain", disable=not d.master):
         lr = cosine_lr(it, max_iters, cfg.lr, cfg.lr * cfg.min_lr_ratio, cfg.warmup_iters)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -205,16 +222,17 @@ def main():
             scaled = loss * mask.sum() / n_global
             (scaled * d.world_size).backward()
             loss_sum += scaled.detach()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)  # inf: no clip
+        if guard.ok(it, loss_sum, grad_norm):
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
         if it % cfg.log_interval == 0 or it == max_iters - 1:
             loss = d.all_reduce_mean(loss_sum).item() * d.world_size
             dt = (time.time() - t_last) / (cfg.log_interval if it else 1)
             t_last = time.time()
-            log.log(it, loss=loss, lr=lr, ms=dt * 1000, tokens_per_s=sum(len(ids) - 1 for ids, _ in batch) / dt)
+            log.log(it, loss=loss, lr=lr, ms=dt * 1000, tokens_per_s=sum(len(ids) - 1 for ids, _ in batch) / dt,
+                    **guard.stats())
         if d.master and (val_sft or val_text) and (it % cfg.eval_interval == 0 or it == max_iters - 1):
             metrics = {}
             if val_sft:
@@ -222,12 +240,15 @@ def main():
             if val_text:
                 metrics["val_text_loss"] = evaluate(raw_model, val_text, cfg, d)
             log.log(it, **metrics)
+        if cfg.save_interval and (it + 1) % cfg.save_interval == 0 and it + 1 < max_iters:
+            save(it + 1)
 
-    # -- save
+    # -- save (after Ctrl-C too: the state to --resume from)
+    save(interrupt.done)
     if d.master:
-        save_checkpoint(f"{cfg.out_dir}/ckpt.pt", raw_model, cfg, tokenizer, iter=max_iters)
         print(f"saved {cfg.out_dir}/ckpt.pt")
     d.close()
+    interrupt.exit_if_requested(cfg.out_dir)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import json
 import os
 import tempfile
 import urllib.request
+import zlib
 from pathlib import Path
 
 HUMAN = "\n\nHuman: "
@@ -127,11 +128,13 @@ def read_jsonl(path):
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise DataError(path, lineno, f"invalid JSON ({e.msg} at column {e.colno})") from None
+                except RecursionError:
+                    raise DataError(path, lineno, "invalid JSON (nested too deeply)") from None
                 if not isinstance(obj, dict):
                     raise DataError(path, lineno, f"expected a JSON object, got {type(obj).__name__}")
                 n_records += 1
                 yield lineno, obj
-        except (gzip.BadGzipFile, EOFError, OSError) as e:
+        except (EOFError, OSError, zlib.error) as e:
             raise DataError(path, 0, f"cannot read the file ({e})") from None
     if n_records == 0:
         raise DataError(path, 0, "the file has no records")
@@ -246,6 +249,8 @@ def load_text(path) -> str:
             except UnicodeDecodeError as e:
                 line = e.object[:e.start].count(b"\n") + 1
                 raise DataError(path, line, "not valid UTF-8") from None
+            except (EOFError, OSError, zlib.error) as e:
+                raise DataError(path, 0, f"cannot read the file ({e})") from None
         if not text.strip():
             raise DataError(path, 0, "the file is empty")
         return text

@@ -1,0 +1,361 @@
+"""Reliability: checkpoints that survive SIGKILL, --resume equal to an uninterrupted run, Ctrl-C that saves,
+NaN/inf steps skipped and then stopped, one-line config errors, pickle-free loads, loaders that survive
+hostile files. Runs of the stage scripts use tiny models and run side by side to stay fast."""
+import ast
+import dataclasses
+import gzip
+import json
+import multiprocessing
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, example, given, settings, strategies as st
+
+from common import (Dist, Interrupt, atomic_save, encode_example, load_checkpoint, model_from_checkpoint,
+                    save_checkpoint)
+from data.formats import DataError, load_prompts, load_rankings, load_samples, load_sft, load_text
+from data.tokenizer import get_tokenizer
+from model import GPT, GPTConfig
+from test_stages import TINY_MODEL, write_tiny_data
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def start(args, cwd, **env):
+    return subprocess.Popen([sys.executable, *map(str, args)], cwd=cwd, env={**ENV, **env}, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def finish(proc, code=0):
+    """Wait for a run; check its exit code and return its stderr."""
+    try:
+        _, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    assert proc.returncode == code, err[-3000:]
+    return err
+
+
+def metrics(path, key):
+    """{step: value} of one metric in a metrics.jsonl."""
+    return {r["step"]: r[key] for r in map(json.loads, open(path)) if key in r}
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+# --- 1. atomic checkpoints ---------------------------------------------------------------------------------
+def save_forever(path, done):
+    w = torch.zeros(512, 1024)  # 2 MiB: saving is almost all the loop's time, so kills land inside writes
+    while True:
+        i = done.value + 1
+        atomic_save({"i": i, "w": w.fill_(i)}, path)
+        done.value = i
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="fork and SIGKILL")
+def test_checkpoint_survives_sigkill_while_saving(tmp_path):
+    path, rng = tmp_path / "ckpt.pt", random.Random(0)
+    ctx = multiprocessing.get_context("fork")
+    done = ctx.Value("q", 0)
+    for _ in range(10):
+        saver = ctx.Process(target=save_forever, args=(path, done))
+        saver.start()
+        before = done.value
+        while done.value < before + 2:  # a complete save in this life, then kill it at a random moment
+            assert saver.is_alive()
+            time.sleep(0.001)
+        time.sleep(rng.uniform(0, 0.05))
+        os.kill(saver.pid, signal.SIGKILL)
+        saver.join()
+        ckpt = load_checkpoint(path)
+        # the last save reported complete, or the next one if the kill came between its rename and the report
+        assert ckpt["i"] in (done.value, done.value + 1)
+        assert (ckpt["w"] == ckpt["i"]).all()
+        done.value = ckpt["i"]
+    assert list(tmp_path.glob(".ckpt.pt.tmp*")), "no kill landed inside a write: the test proved nothing"
+
+
+# --- 2. --resume continues exactly where the interrupted run stopped -------------------------------------------
+RESUMABLE = {  # dropout: the RNG state matters; --min-lr-ratio 1: the schedule does not depend on --max-iters
+    "sft": ["sft.py", "--sft-data", "sft.jsonl", "--text-data", "text.txt", "--ptx-fraction", "0.25",
+            "--batch-size", "8", "--micro-batch-size", "4", *TINY_MODEL],
+    "reward": ["reward.py", "--init", "sft.pt", "--data", "rank.jsonl", "--batch-size", "4", "--micro-batch-size", "2",
+               "--device", "cpu"],
+}
+
+
+@pytest.mark.parametrize("stage", RESUMABLE)
+def test_resume_equals_uninterrupted_run(tmp_path, stage):
+    write_tiny_data(tmp_path)
+    write_tiny_policy_and_rm(tmp_path)
+    with open(tmp_path / "sft.jsonl", "a") as f:  # an over-long prompt is cut, an over-long response dropped
+        f.write(json.dumps({"prompt": "x" * 200, "response": "ok."}) + "\n")
+        f.write(json.dumps({"prompt": "hi", "response": "y" * 200}) + "\n")
+    with open(tmp_path / "rank.jsonl", "a") as f:
+        f.write(json.dumps({"prompt": "hi", "responses": ["ok.", "y" * 200], "ranking": [0, 1]}) + "\n")
+    args = [ROOT / RESUMABLE[stage][0], *RESUMABLE[stage][1:], "--log-interval", "1", "--dropout", "0.1",
+            "--min-lr-ratio", "1.0"]
+    whole = start([*args, "--max-iters", "8", "--out-dir", "whole"], tmp_path)
+    finish(start([*args, "--max-iters", "3", "--out-dir", "parts"], tmp_path))
+    with open(tmp_path / "parts" / "metrics.jsonl", "a") as f:  # logged after the save by a run that crashed
+        f.write(json.dumps({"step": 3, "loss": 123.0}) + "\n" + '{"step": 4, "lo')
+    finish(start([*args, "--max-iters", "8", "--out-dir", "parts", "--resume"], tmp_path))
+    err = finish(whole)
+    if stage == "sft":
+        assert "1 of 34 examples truncated" in err and "1 of 34 examples dropped" in err
+    else:
+        assert "1 of 17 examples dropped" in err
+    assert metrics(tmp_path / "parts" / "metrics.jsonl", "loss") == \
+        pytest.approx(metrics(tmp_path / "whole" / "metrics.jsonl", "loss"), rel=1e-6)
+    assert_same_weights(load_checkpoint(tmp_path / "whole" / "ckpt.pt")["model"],
+                        load_checkpoint(tmp_path / "parts" / "ckpt.pt")["model"])
+
+
+def write_tiny_policy_and_rm(d):
+    torch.manual_seed(0)
+    cfg = GPTConfig(block_size=64, vocab_size=get_tokenizer("byte").n_vocab, n_layer=1, n_head=2, n_embd=32)
+    save_checkpoint(d / "sft.pt", GPT(cfg), {}, tokenizer="byte")
+    save_checkpoint(d / "rm.pt", GPT(dataclasses.replace(cfg, head="scalar")), {}, tokenizer="byte")
+    with open(d / "prompts.jsonl", "w") as f:
+        for w in ["stone", "apple", "river", "cloud", "green", "table", "house", "light", "x" * 100]:
+            f.write(json.dumps({"prompt": f"Reverse the word {w}."}) + "\n")
+
+
+PPO_TINY = ["--sft", "sft.pt", "--rm", "rm.pt", "--prompts", "prompts.jsonl", "--batch-size", "8",
+            "--minibatch-size", "4", "--ppo-epochs", "2", "--max-new-tokens", "8", "--device", "cpu"]
+
+
+def test_ppo_resume_equals_uninterrupted_run(tmp_path):
+    write_tiny_policy_and_rm(tmp_path)
+    write_tiny_data(tmp_path)
+    # everything --resume must restore: adaptive beta, the EMA, the sampling generator, ptx windows, warmup
+    args = [ROOT / "ppo.py", *PPO_TINY, "--adaptive-kl", "--kl-target", "0.1", "--kl-horizon", "50",
+            "--ema-decay", "0.5", "--ptx-data", "text.txt", "--ptx-coef", "0.5", "--ptx-seq-len", "32",
+            "--ptx-batch-size", "2", "--warmup-iters", "4", "--lr", "1e-3", "--sample-interval", "1000"]
+    whole = start([*args, "--total-episodes", "40", "--out-dir", "whole"], tmp_path)
+    finish(start([*args, "--total-episodes", "16", "--out-dir", "parts"], tmp_path))  # 2 of the 5 iterations
+    finish(start([*args, "--total-episodes", "40", "--out-dir", "parts", "--resume"], tmp_path))
+    err = finish(whole)
+    assert "1 of 9 examples truncated" in err
+    for key in ("score", "kl", "beta", "pg_loss", "vf_loss", "ptx_loss", "entropy"):
+        a, b = metrics(tmp_path / "whole" / "metrics.jsonl", key), metrics(tmp_path / "parts" / "metrics.jsonl", key)
+        assert len(a) == 5 and b == pytest.approx(a, rel=1e-5, abs=1e-6), key
+    whole, parts = load_checkpoint(tmp_path / "whole" / "ckpt.pt"), load_checkpoint(tmp_path / "parts" / "ckpt.pt")
+    for key in ("model", "policy", "value_model"):  # the EMA, the policy, the value model
+        assert_same_weights(whole[key], parts[key])
+
+
+# --- 3. Ctrl-C ---------------------------------------------------------------------------------------------
+def test_ctrl_c_finishes_the_step_saves_and_exits_130(tmp_path):
+    write_tiny_data(tmp_path)
+    run = start([ROOT / "sft.py", "--sft-data", "sft.jsonl", "--max-iters", "100000", "--batch-size", "4",
+                 "--micro-batch-size", "4", "--log-interval", "1", "--out-dir", "out", *TINY_MODEL], tmp_path)
+    log = tmp_path / "out" / "metrics.jsonl"
+    while not (log.is_file() and log.read_text()) and run.poll() is None:  # training has started
+        time.sleep(0.01)
+    run.send_signal(signal.SIGINT)
+    err = finish(run, 130)
+    assert "stopped by Ctrl-C after step" in err.splitlines()[-1] and "--resume" in err.splitlines()[-1]
+    ckpt = load_checkpoint(tmp_path / "out" / "ckpt.pt")
+    assert 1 <= ckpt["iter"] < 100000 and ckpt["max_iters"] == 100000
+    assert {"optimizers", "rng"} <= ckpt.keys() and ckpt["optimizers"][0]["state"]
+    model_from_checkpoint(ckpt)
+
+
+def test_second_ctrl_c_aborts_at_once():
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        interrupt = Interrupt(Dist("cpu"))
+        steps = interrupt.steps(0, 10)
+        assert next(steps) == 0
+        signal.raise_signal(signal.SIGINT)  # the first: the loop ends after this step
+        with pytest.raises(StopIteration):
+            next(steps)
+        assert interrupt.requested and interrupt.done == 1
+        with pytest.raises(KeyboardInterrupt):  # the second: at once
+            signal.raise_signal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+# --- 4. NaN/inf steps are skipped, then the run stops without touching the last checkpoint -------------------
+def test_diverging_runs_skip_then_stop_and_leave_the_checkpoint(tmp_path):
+    write_tiny_data(tmp_path)
+    write_tiny_policy_and_rm(tmp_path)
+    runs = {  # lr 1e30: the first step's update overflows every later forward pass
+        "sft": ["sft.py", "--sft-data", "sft.jsonl", "--max-iters", "20", "--batch-size", "4",
+                "--micro-batch-size", "4", "--log-interval", "1", *TINY_MODEL],
+        "reward": ["reward.py", "--init", "sft.pt", "--data", "rank.jsonl", "--max-iters", "20", "--batch-size", "2",
+                   "--micro-batch-size", "2", "--device", "cpu"],
+        "ppo": ["ppo.py", *PPO_TINY, "--total-episodes", "32", "--warmup-iters", "0", "--minibatch-size", "2"],
+    }
+    procs = {}
+    for name, args in runs.items():
+        model = GPT(GPTConfig(block_size=16, vocab_size=20, n_layer=1, n_head=2, n_embd=8))
+        save_checkpoint(tmp_path / name / "ckpt.pt", model, {}, tokenizer="byte")  # the last good checkpoint
+        procs[name] = start([ROOT / args[0], *args[1:], "--lr", "1e30",
+                             "--max-bad-steps", "3", "--out-dir", name], tmp_path)
+    for name, proc in procs.items():
+        before = load_checkpoint(tmp_path / name / "ckpt.pt")
+        err = finish(proc, 1)
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("error: step ") and "3 steps in a row" in last and "learning rate" in last, err
+        assert err.count("optimiser step skipped") == 3, err
+        assert_same_weights(load_checkpoint(tmp_path / name / "ckpt.pt")["model"], before["model"])
+    skipped = [r.get("skipped_steps") for r in map(json.loads, open(tmp_path / "sft" / "metrics.jsonl"))]
+    assert skipped[-2:] == [1, 2]  # counted in the log (the third skip raised before its log line)
+
+
+# --- 5. config mistakes: exit code 2 and one line, before any work ---------------------------------------------
+def test_config_errors_are_one_line_and_exit_code_2(tmp_path):
+    write_tiny_data(tmp_path)
+    write_tiny_policy_and_rm(tmp_path)
+    (tmp_path / "k1.jsonl").write_text(json.dumps({"prompt": "p", "responses": ["a"], "ranking": [0]}) + "\n")
+    cases = {  # args, words the message must contain, extra environment
+        "world size": (["sft.py", "--text-data", "text.txt", "--batch-size", "8", "--micro-batch-size", "4"],
+                       "multiple of --micro-batch-size x processes", {"WORLD_SIZE": "3"}),  # no RANK: no process group
+        "context": (["ppo.py", *PPO_TINY, "--max-new-tokens", "64"], "leaves no room for the prompt", {}),
+        "beta": (["ppo.py", *PPO_TINY, "--kl-coef", "-0.1"], "must be >= 0", {}),
+        "K < 2": (["reward.py", "--init", "sft.pt", "--data", "k1.jsonl", "--device", "cpu"],
+                  "k1.jsonl:1: need at least 2 responses", {}),
+        "missing file": (["ppo.py", *PPO_TINY, "--ptx-data", "nowhere.txt"], "--ptx-data nowhere.txt: no such", {}),
+        "out dir": (["sft.py", "--text-data", "text.txt", "--out-dir", "text.txt/run"], "not a writable directory", {}),
+        "resume": (["sft.py", "--text-data", "text.txt", "--out-dir", "fresh", "--resume"], "no fresh/ckpt.pt", {}),
+    }
+    procs = {name: start([ROOT / args[0], *args[1:]], tmp_path, **env) for name, (args, _, env) in cases.items()}
+    for name, proc in procs.items():
+        err = finish(proc, 2)
+        assert err.count("\n") == 1 and err.startswith("error: ") and cases[name][1] in err, (name, err)
+    assert not (tmp_path / "fresh" / "metrics.jsonl").exists()
+
+
+# --- 6. no pickle: every torch.load in the project loads tensors only ---------------------------------------
+def test_every_torch_load_uses_weights_only():
+    calls = 0
+    for path in ROOT.rglob("*.py"):
+        if any(part.startswith(".") or part in ("runs", "site-packages") for part in path.relative_to(ROOT).parts):
+            continue  # virtual environments, caches and run directories are not the project's code
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) == "torch.load":
+                calls += 1
+                kw = {k.arg: k.value for k in node.keywords}
+                ok = isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True
+                assert ok, f"{path.relative_to(ROOT)}:{node.lineno}: torch.load without weights_only=True"
+    assert calls >= 1
+
+
+def test_training_state_loads_without_pickle(tmp_path):
+    """What --resume saves (optimiser moments, RNG states of torch, Python, NumPy, generators) is plain data."""
+    from common import training_state
+    model = GPT(GPTConfig(block_size=16, vocab_size=20, n_layer=1, n_head=2, n_embd=8))
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randint(0, 20, (2, 8)), torch.randint(0, 20, (2, 8)))[1].backward()
+    opt.step()
+    save_checkpoint(tmp_path / "ckpt.pt", model, {}, "byte", **training_state(Dist("cpu"), [opt], [torch.Generator()]))
+    assert load_checkpoint(tmp_path / "ckpt.pt")["optimizers"][0]["state"]
+
+
+# --- 7. hostile data: a located DataError, never another exception --------------------------------------------
+LOADERS = [load_text, load_sft, load_rankings, load_prompts, load_samples]
+
+
+def check_loaders(path):
+    """Every loader either reads the file or raises DataError("{file}:{line}: ...") on one line."""
+    for load in LOADERS:
+        try:
+            load(path)
+        except DataError as e:
+            assert str(e).startswith(f"{path}:") and str(e.line) == str(e).split(":")[1] and "\n" not in e.what
+        # anything else propagates and fails the test
+
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(st.characters()),
+                           lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                                     max_size=4), max_leaves=8)
+FIELDS = ["prompt", "response", "responses", "ranking", "chosen", "rejected", "text", "instruction", "input", "output"]
+unicode = st.text(st.characters(exclude_categories=()), max_size=30)  # includes lone surrogates, NUL, RTL marks
+SETTINGS = dict(max_examples=150, deadline=None, derandomize=True, database=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+@settings(**SETTINGS)
+@given(data=st.binary(max_size=300), ext=st.sampled_from([".jsonl", ".txt"]))
+@example(data=b"", ext=".jsonl")
+@example(data=b" \n\n\t\n", ext=".jsonl")
+@example(data=b"\xff\xfe{}", ext=".txt")
+@example(data=b'{"prompt": "a\x00b"}\n', ext=".jsonl")
+def test_loaders_on_random_bytes(tmp_path, data, ext):
+    path = tmp_path / f"f{ext}"
+    path.write_bytes(data)
+    check_loaders(path)
+
+
+@settings(**SETTINGS)
+@given(records=st.lists(st.one_of(json_values, st.dictionaries(st.sampled_from(FIELDS), json_values | unicode,
+                                                               max_size=4)), min_size=1, max_size=3))
+def test_loaders_on_wrong_json_types(tmp_path, records):
+    path = tmp_path / "f.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    check_loaders(path)
+
+
+@settings(**SETTINGS)
+@given(prompt=unicode, response=unicode)
+@example(prompt="\ud800 lone surrogate", response="\u202eRTL\u200f mark\x00NUL")
+@example(prompt="\udfff", response="\U0001F600\ufeff")
+def test_unicode_edge_cases_load_and_encode(tmp_path, prompt, response):
+    """Lone surrogates (escaped in the JSON), NUL, RTL marks: loaded as given or refused with a location,
+    and whatever loads also encodes (the byte tokenizer covers every string)."""
+    path = tmp_path / "f.jsonl"
+    path.write_text(json.dumps({"prompt": prompt, "response": response}) + "\n")  # ensure_ascii: \ud800 escapes
+    try:
+        records = load_sft(path)
+    except DataError as e:
+        assert str(e).startswith(f"{path}:1: ")
+        return
+    tok, stats = get_tokenizer("byte"), {}
+    encoded = encode_example(tok, records[0]["prompt"], records[0]["response"], 64, stats)
+    assert encoded is None or len(encoded[0]) <= 64
+
+
+def test_very_long_lines(tmp_path):
+    path = tmp_path / "long.jsonl"
+    long = "z" * 5_000_000
+    path.write_text(json.dumps({"prompt": "p", "response": long}) + "\n" + "{" + long + "\n")
+    with pytest.raises(DataError, match=r"long.jsonl:2: invalid JSON") as e:
+        load_sft(path)
+    assert len(str(e.value)) < 200
+
+
+@pytest.mark.parametrize("name,data", [
+    ("nested.jsonl", b"[" * 100_000 + b"]" * 100_000 + b"\n"),
+    ("corrupt.jsonl.gz", bytes(b ^ 0xFF if i == 10 else b  # one flipped byte in the deflate stream
+                               for i, b in enumerate(gzip.compress(b'{"prompt": "p", "response": "r"}\n' * 200)))),
+    ("truncated.txt.gz", gzip.compress(b"some text " * 200)[:-12]),
+    ("notgzip.txt.gz", b"plain text, not gzip"),
+], ids=["nested", "corrupt-gz", "truncated-gz", "not-gz"])
+def test_loaders_on_corrupt_compressed_and_deeply_nested_files(tmp_path, name, data):
+    path = tmp_path / name
+    path.write_bytes(data)
+    check_loaders(path)
+
+
+def test_over_long_examples_are_cut_or_dropped_and_counted():
+    tok, stats = get_tokenizer("byte"), {}
+    ids, n_query = encode_example(tok, "p" * 500, "ok", 64, stats)  # the prompt loses its start
+    assert len(ids) == 64 and tok.decode(ids[n_query:-1]) == " ok" and stats == {"truncated": 1}
+    assert encode_example(tok, "p", "r" * 500, 64, stats) is None and stats == {"truncated": 1, "dropped": 1}
