@@ -44,7 +44,7 @@ else
   PRETRAIN=(--epochs 1 --batch-size 32 --micro-batch-size 32 --lr 2e-3 --warmup-iters 20)
   SFT=(--epochs 4 --batch-size 32 --micro-batch-size 32 --lr 1e-3)
   RANK_PROMPTS=()
-  RM=(--epochs 1 --batch-size 32 --micro-batch-size 16 --lr 3e-4)
+  RM=(--epochs 2 --batch-size 32 --micro-batch-size 16 --lr 3e-4)
   PPO=()
   EVAL=()
 fi
@@ -70,9 +70,14 @@ for split in train val; do
     --samples "$RUNS/rankings/samples_$split.jsonl" --out "$RUNS/rankings/rankings_$split.jsonl" --seed "$SEED"
 done
 
+# The RM learns from both: rankings of SFT samples, and the world's rankings of perturbed answers
+# (hedged, padded, refused, ...), flaws a small SFT model samples too rarely to be learnt from its samples
+# alone (the paper's labelers also ranked outputs of several models, not one).
+cat "$W/rankings_train.jsonl" "$RUNS/rankings/rankings_train.jsonl" > "$RUNS/rankings/rm_train.jsonl"
+
 # Stage 2: the reward model, from the SFT model's trunk; demonstrations then score 0 on average.
 stage "reward model" "$RUNS/rm/ckpt.pt" $PY reward.py --init "$RUNS/sft/ckpt.pt" \
-  --data "$RUNS/rankings/rankings_train.jsonl" --val-data "$RUNS/rankings/rankings_val.jsonl" \
+  --data "$RUNS/rankings/rm_train.jsonl" --val-data "$RUNS/rankings/rankings_val.jsonl" \
   --demo-data "$W/sft_val.jsonl" --out-dir "$RUNS/rm" --seed "$SEED" "${RM[@]}" ${RM_ARGS:-}
 
 # Stage 3: PPO against the RM with a KL penalty to SFT; then PPO-ptx, which mixes in pretraining text.
