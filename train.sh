@@ -7,7 +7,8 @@
 #   FORCE=1 bash train.sh      # redo stages whose checkpoints already exist
 #   RUNS=/tmp/r SEED=1 bash train.sh
 #
-# Each stage is skipped when its output exists (unless FORCE=1). Extra arguments for a stage can be
+# Each stage is skipped when its output exists and is finished (unless FORCE=1); an interrupted stage
+# is rerun from the start (or continue it by hand with its script's --resume). Extra arguments for a stage can be
 # given in SFT_ARGS, RM_ARGS, PPO_ARGS (e.g. PPO_ARGS="--device cuda").
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -19,9 +20,15 @@ PY=${PYTHON:-python}
 W=$RUNS/world
 start=$(date +%s)
 
+finished() {  # a checkpoint saved mid-run (Ctrl-C, --save-interval) has iter < max_iters: not finished
+  [[ $1 != *.pt ]] && return 0
+  $PY -c "import sys, torch; c = torch.load(sys.argv[1], map_location='cpu', weights_only=True)
+sys.exit(0 if c.get('iter') == c.get('max_iters', c.get('iter')) else 1)" "$1"
+}
+
 stage() {  # stage NAME OUTPUT COMMAND...: run COMMAND unless OUTPUT exists; report its time
   local name=$1 out=$2; shift 2
-  if [[ -e $out && $FORCE != 1 ]]; then echo "== $name: $out exists, skipped"; return; fi
+  if [[ -e $out && $FORCE != 1 ]] && finished "$out"; then echo "== $name: $out exists, skipped"; return; fi
   echo "== $name"
   local t0=$(date +%s)
   "$@"

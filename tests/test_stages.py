@@ -144,3 +144,17 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     b = load_checkpoint(tmp_path / "ddp" / "ckpt.pt")["model"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-3)
+
+
+def test_quick_pipeline_end_to_end(tmp_path):
+    """QUICK=1 bash train.sh: every stage through its real command line, ending in a complete report."""
+    env = {**os.environ, "QUICK": "1", "RUNS": str(tmp_path), "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}
+    res = subprocess.run(["bash", str(ROOT / "train.sh")], env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert set(report["models"]) == {"base", "base_prompted", "sft", "ppo", "ppo_ptx", "best_of_n"}
+    for m in report["models"].values():
+        assert math.isfinite(m["win_rate_vs_sft"]) and len(m["win_rate_ci"]) == 2 and math.isfinite(m["kl_vs_sft"])
+    # a second run skips every finished stage
+    again = subprocess.run(["bash", str(ROOT / "train.sh")], env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and again.stdout.count("skipped") >= 10, again.stdout[-2000:]
