@@ -96,6 +96,13 @@ class Dist:
             dist.init_process_group(backend="nccl" if self.device_type == "cuda" else "gloo")
         self.master = self.rank == 0
 
+    def wrap(self, model):
+        """The model for training: inside DistributedDataParallel under torchrun, itself otherwise."""
+        if not self.ddp:
+            return model
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        return DDP(model, device_ids=[self.local_rank] if self.device_type == "cuda" else None)
+
     def autocast(self):
         """bf16 autocast on CUDA (the matmuls in bf16, reductions in fp32); full fp32 elsewhere."""
         if self.device_type == "cuda":
@@ -177,6 +184,15 @@ def load_checkpoint(path, map_location="cpu"):
         print(f"note: {path} is from an unfinished run (step {ckpt['iter']} of {ckpt['max_iters']}); "
               "its stage's --resume finishes it", file=sys.stderr)
     return ckpt
+
+
+def load_model(init, head, dropout):
+    """(tokenizer name, model, checkpoint or None) from a checkpoint of this project (*.pt) or GPT-2
+    weights (a name such as gpt2, or a Hugging Face directory), with the given head."""
+    if init.endswith(".pt"):
+        ckpt = load_checkpoint(init)
+        return ckpt["tokenizer"], model_from_checkpoint(ckpt, head=head, dropout=dropout), ckpt
+    return "gpt2", GPT.from_pretrained(init, head=head, dropout=dropout), None
 
 
 def model_from_checkpoint(ckpt, head=None, dropout=None):

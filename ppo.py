@@ -29,7 +29,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from common import (Dist, Interrupt, NonFiniteGuard, RunLog, cli, load_checkpoint, model_from_checkpoint, pad_left,
@@ -212,8 +211,7 @@ def main():
     if cfg.compile:
         for m in (policy, ref_policy, reward_model, value_model):
             m.compile()
-    policy_train = DDP(policy, device_ids=[d.local_rank] if d.device_type == "cuda" else None) if d.ddp else policy
-    value_train = DDP(value_model, device_ids=[d.local_rank] if d.device_type == "cuda" else None) if d.ddp else value_model
+    policy_train, value_train = d.wrap(policy), d.wrap(value_model)
 
     # -- data: prompts in the chat template, truncated from the left to leave room for the response
     stats, prompts = {}, load_prompts(cfg.prompts)

@@ -21,15 +21,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import (Dist, Interrupt, NonFiniteGuard, RunLog, cli, cosine_lr, encode_example, load_checkpoint,
-                    model_from_checkpoint, pad_right, parse_config, preflight, resume_training, save_checkpoint,
+from common import (Dist, Interrupt, NonFiniteGuard, RunLog, cli, cosine_lr, encode_example, load_model,
+                    pad_right, parse_config, preflight, resume_training, save_checkpoint,
                     set_seed, shuffled_indices, training_state, warn_counts)
 from data.formats import load_rankings, load_sft
 from data.tokenizer import get_tokenizer
-from model import GPT, GPT2_NAMES
+from model import GPT2_NAMES
 
 
 @dataclass
@@ -161,19 +160,14 @@ def main():
 
     # -- model: the SFT trunk with a fresh scalar head (--resume: the interrupted run's RM)
     init = f"{cfg.out_dir}/ckpt.pt" if cfg.resume else cfg.init
-    if init.endswith(".pt"):
-        ckpt = load_checkpoint(init)
-        tokenizer, model = ckpt["tokenizer"], model_from_checkpoint(ckpt, head="scalar", dropout=cfg.dropout)
-    else:
-        tokenizer, model = "gpt2", GPT.from_pretrained(init, head="scalar", dropout=cfg.dropout)
+    tokenizer, model, ckpt = load_model(init, "scalar", cfg.dropout)
     tok = get_tokenizer(tokenizer)
     seq_len = min(cfg.seq_len, model.config.block_size)
     model.to(d.device)
     if cfg.compile:
         model.compile()
     raw_model = model
-    if d.ddp:
-        model = DDP(model, device_ids=[d.local_rank] if d.device_type == "cuda" else None)
+    model = d.wrap(model)
 
     # -- data: each prompt's K responses, encoded with the prompt in the chat template
     def encode_rankings(path):

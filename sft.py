@@ -20,11 +20,10 @@ import time
 from dataclasses import dataclass
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import (Dist, Interrupt, NonFiniteGuard, RunLog, cli, cosine_lr, encode_example, load_checkpoint,
-                    model_from_checkpoint, pad_right, parse_config, preflight, resume_training, save_checkpoint,
+from common import (Dist, Interrupt, NonFiniteGuard, RunLog, cli, cosine_lr, encode_example, load_model,
+                    pad_right, parse_config, preflight, resume_training, save_checkpoint,
                     set_seed, shuffled_indices, text_windows, training_state, warn_counts)
 from data.formats import load_sft, load_text
 from data.tokenizer import get_tokenizer
@@ -157,19 +156,15 @@ def main():
         tok = get_tokenizer(tokenizer)
         model = GPT(GPTConfig(block_size=cfg.seq_len, vocab_size=tok.n_vocab, n_layer=cfg.n_layer,
                               n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout))
-    elif init in GPT2_NAMES or not init.endswith(".pt"):
-        tokenizer, model = "gpt2", GPT.from_pretrained(init, dropout=cfg.dropout)
     else:
-        ckpt = load_checkpoint(init)
-        tokenizer, model = ckpt["tokenizer"], model_from_checkpoint(ckpt, head="lm", dropout=cfg.dropout)
+        tokenizer, model, ckpt = load_model(init, "lm", cfg.dropout)
     tok = get_tokenizer(tokenizer)
     seq_len = min(cfg.seq_len, model.config.block_size)
     model.to(d.device)
     if cfg.compile:
         model.compile()
     raw_model = model
-    if d.ddp:
-        model = DDP(model, device_ids=[d.local_rank] if d.device_type == "cuda" else None)
+    model = d.wrap(model)
     if d.master:
         print(f"model: {raw_model.get_num_params() / 1e6:.2f}M parameters, tokenizer {tokenizer}, "
               f"device {d.device}, {d.world_size} process(es)")
