@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 
 @dataclass
@@ -42,7 +43,7 @@ class CausalSelfAttention(nn.Module):
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, allowed, kv_cache=None):
+    def forward(self, x, mask_bias, kv_cache=None):
         B, T, C = x.size()
         hs = C // self.n_head
         q, k, v = self.c_attn(x).split(C, dim=2)
@@ -51,9 +52,9 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         if kv_cache is not None:
             k, v = kv_cache.append(k, v)  # (B, nh, Tk, hs) with Tk = cached + T
-        # attention: softmax(q k^T / sqrt(hs)) v, each query seeing only the keys `allowed` lets it see
-        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, nh, T, Tk)
-        att = att.masked_fill(~allowed, float("-inf"))  # allowed: (B, 1, T, Tk) broadcast over heads
+        # attention: softmax(q k^T / sqrt(hs) + mask_bias) v; mask_bias (B, 1, T, Tk) is 0 where a query
+        # may see a key and -inf where it may not (future or padded keys), broadcast over the heads
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs)) + mask_bias  # (B, nh, T, Tk)
         att = F.softmax(att, dim=-1)
         att = self.attn_dropout(att)
         y = att @ v  # (B, nh, T, hs)
@@ -81,8 +82,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, allowed, kv_cache=None):
-        x = x + self.attn(self.ln_1(x), allowed, kv_cache)
+    def forward(self, x, mask_bias, kv_cache=None):
+        x = x + self.attn(self.ln_1(x), mask_bias, kv_cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -134,6 +135,7 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by 1/sqrt(2 * n_layer)
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        self.gradient_checkpointing = False  # True: recompute each block's activations in backward (less memory)
         if compile:  # torch.compile in place (state_dict keys unchanged); fuses the attention on CUDA
             self.compile()
 
@@ -169,11 +171,15 @@ class GPT(nn.Module):
         q_abs = torch.arange(past, Tk, device=idx.device).view(T, 1)  # (T, 1)
         k_abs = torch.arange(Tk, device=idx.device).view(1, Tk)  # (1, Tk)
         allowed = ((k_abs <= q_abs) & key_real[:, None, :]) | (k_abs == q_abs)  # (B, T, Tk)
-        allowed = allowed.unsqueeze(1)  # (B, 1, T, Tk)
-
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        # built once for all layers: 0 where allowed, -inf elsewhere, added to the attention scores
+        mask_bias = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill_(~allowed, float("-inf"))
+        mask_bias = mask_bias.unsqueeze(1)  # (B, 1, T, Tk)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, allowed, kv_caches[i] if kv_caches is not None else None)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, mask_bias, use_reentrant=False)
+            else:
+                x = block(x, mask_bias, kv_caches[i] if kv_caches is not None else None)
         x = self.transformer.ln_f(x)
         if self.config.head == "scalar":
             return self.score_head(x).squeeze(-1), None  # (B, T)
@@ -196,12 +202,16 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, attention_mask=None,
-                 eos_token_id=None, pad_token_id=None, return_logprobs=False, use_cache=True, generator=None):
+                 eos_token_id=None, pad_token_id=None, return_logprobs=False, use_cache=True, generator=None,
+                 rows=None):
         """Continue each row of idx (B, T), left-padded with attention_mask where prompts differ in length.
         Returns (B, T + n) tokens, n <= max_new_tokens (it stops early once every row has emitted
         eos_token_id; finished rows are padded with pad_token_id). With return_logprobs, also (B, n)
         log-probabilities of the sampled tokens under softmax(logits / temperature), before top-k / top-p
-        (what a forward pass at that temperature recomputes); 0 at padded steps. temperature 0 is greedy."""
+        (what a forward pass at that temperature recomputes); 0 at padded steps. temperature 0 is greedy.
+        rows = (row_ids (B,), n_rows): this batch is the rows row_ids of a batch of n_rows split over processes;
+        each step draws the random numbers of all n_rows rows from `generator` and uses its own, so every row
+        samples exactly what it would in the whole batch on one process."""
         B, T = idx.shape
         assert T + max_new_tokens <= self.config.block_size, "prompt + max_new_tokens > block_size"
         mask = attention_mask if attention_mask is not None else torch.ones_like(idx)
@@ -226,13 +236,16 @@ class GPT(nn.Module):
                 logp = torch.zeros(B, device=idx.device)
             else:
                 logits = logits / temperature
-                logp_all = F.log_softmax(logits, dim=-1)
-                probs = F.softmax(filter_logits(logits, top_k, top_p), dim=-1)
-                next_tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-                logp = logp_all.gather(-1, next_tok[:, None]).squeeze(-1)
+                probs = F.softmax(filter_logits(logits, top_k, top_p), dim=-1)  # (B, V)
+                # the exponential race: argmax_v p_v / E_v with E_v ~ Exp(1) is token v with probability p_v
+                row_ids, n_rows = rows if rows is not None else (slice(None), B)
+                noise = torch.empty(n_rows, probs.size(1), device=probs.device).exponential_(generator=generator)
+                next_tok = (probs / noise[row_ids].clamp(min=1e-30)).argmax(-1)  # (B,)
+                logp = logprobs_from_logits(logits, next_tok) if return_logprobs else None
             next_tok = torch.where(done, torch.full_like(next_tok, pad), next_tok)
             out.append(next_tok[:, None])
-            logps.append(logp.masked_fill(done, 0.0)[:, None])
+            if return_logprobs:
+                logps.append(logp.masked_fill(done, 0.0)[:, None])
             mask = torch.cat([mask, torch.ones_like(next_tok[:, None])], dim=1)
             if eos_token_id is not None:
                 done = done | (next_tok == eos_token_id)

@@ -37,7 +37,8 @@ def test_attention_matches_loop_reference():
     real[1, :3] = False  # row 1 is left-padded by 3
     i = torch.arange(T)
     allowed = ((i[None, :] <= i[:, None]) & real[:, None, :]) | (i[None, :] == i[:, None])
-    y = attn(x, allowed.unsqueeze(1))
+    mask_bias = torch.zeros(B, 1, T, T).masked_fill(~allowed.unsqueeze(1), float("-inf"))  # 0 or -inf
+    y = attn(x, mask_bias)
 
     # reference: explicit loops over batch, head and query; softmax by hand over the visible keys
     W, bias = attn.c_attn.weight, attn.c_attn.bias
@@ -92,6 +93,39 @@ def test_kv_cache_generation_equals_recomputation(temperature):
         outs.append(m.generate(idx, 25, temperature=temperature, use_cache=use_cache, generator=g))
     assert outs[0].shape == (3, 34)
     assert torch.equal(outs[0], outs[1])
+
+
+def test_sampling_frequencies_follow_the_distribution():
+    """The exponential race picks token v with probability p_v: 20000 draws from one fixed distribution."""
+    m = tiny_model(vocab_size=5)
+    probs = torch.tensor([0.5, 0.25, 0.15, 0.1, 0.0])
+    with torch.no_grad():  # logits = log probs whatever the input: zero the trunk's output, bias-free head
+        m.transformer.ln_f.weight.zero_()
+        m.transformer.ln_f.bias.copy_(torch.zeros(32))
+    m.lm_head = torch.nn.Linear(32, 5)
+    with torch.no_grad():
+        m.lm_head.weight.zero_()
+        m.lm_head.bias.copy_(probs.log())
+    idx = torch.zeros(20000, 1, dtype=torch.long)
+    out = m.generate(idx, 1, temperature=1.0, generator=torch.Generator().manual_seed(0))[:, 1]
+    freq = torch.bincount(out, minlength=5).float() / len(out)
+    assert freq[4] == 0  # probability 0 is never sampled
+    torch.testing.assert_close(freq, probs, atol=0.01, rtol=0)
+
+
+def test_rows_of_a_split_batch_sample_what_the_whole_batch_samples():
+    """generate(rows=...) on each part of a batch split over processes gives the whole batch's tokens."""
+    m = tiny_model()
+    rows = [[5, 9, 2], [1, 2, 3, 4, 5, 6], [11, 12, 13, 14, 15], [7], [8, 8, 8, 8]]
+    idx, mask = left_pad(rows)
+    whole = m.generate(idx, 10, temperature=1.0, attention_mask=mask, generator=torch.Generator().manual_seed(5))
+    for world_size in (2, 3):
+        for rank in range(world_size):
+            ids = torch.arange(rank, len(rows), world_size)
+            part_idx, part_mask = left_pad([rows[i] for i in ids])
+            part = m.generate(part_idx, 10, temperature=1.0, attention_mask=part_mask, rows=(ids, len(rows)),
+                              generator=torch.Generator().manual_seed(5))
+            assert torch.equal(part[:, part_idx.size(1):], whole[ids, idx.size(1):])
 
 
 def test_padding_invariance_logits_and_greedy_continuation():
@@ -183,3 +217,28 @@ def test_compiled_model_matches_eager():
     compiled.load_state_dict(eager.state_dict())
     idx = torch.randint(0, 50, (2, 16))
     torch.testing.assert_close(compiled(idx)[0], eager(idx)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    m = tiny_model().train()
+    idx = torch.randint(0, TINY["vocab_size"], (2, 16))
+    grads = []
+    for checkpointing in (False, True):
+        m.gradient_checkpointing = checkpointing
+        m.zero_grad()
+        loss = m(idx, targets=idx)[1]
+        loss.backward()
+        grads.append((loss.item(), [p.grad.clone() for p in m.parameters()]))
+    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-6)
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 weights of the frozen models: CUDA only")
+def test_bf16_frozen_model_logprobs_close_to_fp32_on_cuda():
+    m = tiny_model().cuda()
+    idx = torch.randint(0, TINY["vocab_size"], (4, 32), device="cuda")
+    ref = m.token_logprobs(idx)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        half = m.to(torch.bfloat16).token_logprobs(idx)
+    torch.testing.assert_close(half.float(), ref, atol=0.05, rtol=0.05)
