@@ -117,12 +117,19 @@ class Dist:
             x /= self.world_size
         return x
 
+    def peak_memory(self):
+        """'peak GPU memory N GiB' on CUDA (the most this process's tensors held at once), '' elsewhere."""
+        if self.device_type != "cuda":
+            return ""
+        return f"peak GPU memory {torch.cuda.max_memory_allocated(self.device) / 2**30:.2f} GiB"
+
     def barrier(self):
         if self.ddp:
             dist.barrier()
 
     def close(self):
-        if self.ddp:
+        if self.ddp:  # all ranks leave together: a rank tearing down gloo while another still saves can abort
+            dist.barrier()
             dist.destroy_process_group()
 
 
@@ -475,14 +482,27 @@ def cli(main):
     one refused a non-finite checkpoint) with one line and exit code 1; Ctrl-C during setup or a second
     Ctrl-C in training with exit code 130 (a first Ctrl-C in training saves first: see Interrupt)."""
     from data.formats import DataError
+    code = 0
     try:
         main()
     except (DataError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        code = 2
     except (TrainingDiverged, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        code = 1
     except KeyboardInterrupt:
         print("aborted by Ctrl-C: nothing saved since the last checkpoint", file=sys.stderr)
-        sys.exit(130)
+        code = 130
+    except SystemExit as e:  # argparse errors (2), Ctrl-C after saving (130)
+        if e.code is not None and not isinstance(e.code, int):
+            print(e.code, file=sys.stderr)
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    if "RANK" in os.environ:
+        # under torchrun, skip the interpreter's final clean-up: after a run that finished and saved, gloo's
+        # destructors (torch 2.13, CPU) abort the process ("terminate called without an active exception")
+        # in about one run in five on a busy machine, which torchrun reports as a failure
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

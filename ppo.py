@@ -16,11 +16,14 @@ model from the RM (separate weights and learning rate). Every iteration reads as
     python ppo.py ... --resume    # after Ctrl-C (which saves) or a crash: continue from out_dir/ckpt.pt
 
 Deviations from the paper (tiny models, minutes on a CPU): batch 64 rollouts and minibatch 16 (paper 512
-and 64), several PPO epochs per batch (paper 1) for sample efficiency, a policy learning rate suited to a
-~1M-parameter model, and gamma_ptx re-scaled: the paper's 27.8 multiplies a pretraining log-likelihood
-summed over tokens against a per-episode reward; here both losses are means per token, so gamma_ptx is
-about how strongly each ptx token pulls against each RL token (see --ptx-coef). EMA of the policy (paper
-0.992) is optional, off by default: with ~100 iterations it would mostly average the SFT weights in.
+and 64), 2 PPO epochs per batch (paper 1) for sample efficiency, a policy learning rate suited to a
+~1M-parameter model, minibatches that are fixed slices of the (randomly drawn) batch visited in a new
+order each epoch rather than reshuffled (so that N processes split every minibatch evenly), and gamma_ptx
+re-scaled: the paper's 27.8 multiplies a pretraining log-likelihood summed over tokens against a
+per-episode reward; here both losses are means per token, so gamma_ptx is how strongly each ptx token
+pulls against each RL token. train.sh uses 1.0: on the built-in world it undoes the pretraining loss that
+SFT and PPO add (the alignment tax) while keeping PPO's win rate. EMA of the policy (paper
+0.992) is optional, off by default: with 100 iterations it would mostly average the SFT weights in.
 """
 import copy
 import math
@@ -48,15 +51,15 @@ class PPOConfig:
     prompts: str = "runs/world/ppo_prompts.jsonl"  # RL prompts, JSONL {"prompt"}
     ptx_data: str | None = None  # pretraining text for PPO-ptx (.txt or JSONL {"text"})
     ptx_coef: float = 0.0  # gamma_ptx: weight of the pretraining loss (0 = plain PPO)
-    ptx_batch_size: int = 8  # pretraining windows per minibatch
+    ptx_batch_size: int = 4  # pretraining windows per minibatch, over all processes
     ptx_seq_len: int = 128  # tokens per pretraining window
-    total_episodes: int = 6400  # prompts rolled out in all (paper 256k)
+    total_episodes: int = 6400  # prompts rolled out in all (paper 256k): 100 iterations of 64
     batch_size: int = 64  # rollouts per iteration, over all processes (paper 512)
     minibatch_size: int = 16  # rollouts per gradient step (paper 64)
-    ppo_epochs: int = 4  # passes over each batch of rollouts (paper 1)
+    ppo_epochs: int = 2  # passes over each batch of rollouts (paper 1)
     max_new_tokens: int = 48  # longest response
     temperature: float = 1.0  # sampling temperature; log-probs are recomputed at the same temperature
-    lr: float = 3e-5  # policy learning rate (constant after warmup, as the paper)
+    lr: float = 5e-5  # policy learning rate (constant after warmup, as the paper)
     vf_lr: float = 1e-4  # value model learning rate
     warmup_iters: int = 10  # linear learning-rate warmup (paper: 10 iterations)
     kl_coef: float = 0.02  # beta: the per-token KL penalty to pi_SFT (paper 0.02)
@@ -76,6 +79,8 @@ class PPOConfig:
     max_bad_steps: int = 5  # NaN/inf minibatch steps (each skipped) in a row after which the run stops
     device: str = "auto"  # auto, cpu, cuda, cuda:1, mps
     compile: bool = False  # torch.compile the models
+    grad_checkpointing: bool = False  # recompute activations in the backward pass: less memory, slower
+    frozen_bf16: bool = True  # on CUDA, the frozen reference and RM in bf16 (half the memory; fp32 on CPU)
     seed: int = 0  # seed for prompt order and sampling
 
     def __post_init__(self):
@@ -181,13 +186,16 @@ def main():
     # -- config and setup
     cfg = parse_config(PPOConfig)
     d = Dist(cfg.device)
-    if cfg.batch_size % d.world_size or cfg.minibatch_size % d.world_size:
-        raise ValueError(f"--batch-size and --minibatch-size must be multiples of the {d.world_size} processes")
+    if cfg.batch_size % d.world_size or cfg.minibatch_size % d.world_size or cfg.ptx_batch_size % d.world_size:
+        raise ValueError(f"--batch-size, --minibatch-size and --ptx-batch-size must be multiples of the "
+                         f"{d.world_size} processes")
     preflight(cfg.out_dir, {"--sft": cfg.sft, "--rm": cfg.rm, "--prompts": cfg.prompts, "--ptx-data": cfg.ptx_data},
               cfg.resume)
     set_seed(cfg.seed)
     log = RunLog(cfg.out_dir, enabled=d.master)
-    sample_gen = torch.Generator(device=d.device if d.device_type == "cuda" else "cpu").manual_seed(cfg.seed + d.rank)
+    # the same sampling generator on every process: generate() draws the noise of the whole global batch and
+    # each process uses its rows, so N processes sample exactly what one would
+    sample_gen = torch.Generator(device=d.device if d.device_type == "cuda" else "cpu").manual_seed(cfg.seed)
 
     # -- models: policy and reference from SFT; the RM frozen; the value model from the RM
     sft_ckpt, rm_ckpt = load_checkpoint(cfg.sft), load_checkpoint(cfg.rm)
@@ -208,6 +216,10 @@ def main():
         value_model.load_state_dict(resumed["value_model"])
         if ema is not None and "policy" in resumed:
             ema.load_state_dict(resumed["model"])
+    policy.gradient_checkpointing = value_model.gradient_checkpointing = cfg.grad_checkpointing
+    if cfg.frozen_bf16 and d.device_type == "cuda":  # inference only: bf16 weights halve their memory
+        ref_policy.to(torch.bfloat16)
+        reward_model.to(torch.bfloat16)
     if cfg.compile:
         for m in (policy, ref_policy, reward_model, value_model):
             m.compile()
@@ -262,7 +274,8 @@ def main():
         n_query = query.size(1)
         with torch.no_grad(), d.autocast():
             seq = policy.generate(query, cfg.max_new_tokens, temperature=cfg.temperature, attention_mask=query_mask,
-                                  eos_token_id=tok.eot_token, pad_token_id=tok.pad_token, generator=sample_gen)
+                                  eos_token_id=tok.eot_token, pad_token_id=tok.pad_token, generator=sample_gen,
+                                  rows=(torch.arange(d.rank, cfg.batch_size, d.world_size), cfg.batch_size))
         response = seq[:, n_query:]  # (B, R)
         mask = response_mask(response, tok.eot_token)  # (B, R)
         attn = torch.cat([query_mask, mask], dim=1)  # (B, T + R): padding after the end is never attended
@@ -298,21 +311,32 @@ def main():
         n_steps = 0
         ptx_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + it)
         for epoch in range(cfg.ppo_epochs):
-            order = torch.randperm(len(batch), generator=torch.Generator().manual_seed(cfg.seed + 7919 * it + epoch))
-            for start in range(0, len(batch), local_mb):
-                mb = order[start:start + local_mb].to(d.device)
+            # minibatches are fixed slices of the batch (its prompts are already in random order), visited in
+            # a new order each epoch. Process r holds the batch's rows r, r + N, ...: its slice k is its part
+            # of the global slice k, so N processes take exactly the gradient steps of one
+            n_mb = cfg.batch_size // cfg.minibatch_size
+            order = torch.randperm(n_mb, generator=torch.Generator().manual_seed(cfg.seed + 7919 * it + epoch))
+            for k in order.tolist():
+                mb = torch.arange(k * local_mb, (k + 1) * local_mb, device=d.device)
+                # drop the minibatch's columns that are padding in all its rows: the left padding shared by
+                # its prompts, the response columns after its longest response (position ids skip padding,
+                # so the log-probs and values do not change)
+                lo = int((1 - query_mask[mb]).sum(1).min())
+                r = int(mask[mb].sum(1).max())
+                mb_seq, mb_attn, mb_query = seq[mb, lo:n_query + r], attn[mb, lo:n_query + r], n_query - lo
                 # means per token over the global minibatch; x world_size undoes DDP's gradient average
                 n_tokens = d.all_reduce_mean(maskf[mb].sum()) * d.world_size
                 with d.autocast():
-                    new_logprobs, mb_logits = forward_response(policy_train, seq[mb], attn[mb], n_query, cfg.temperature)
-                    vpred = value_of_response(value_train, seq[mb], attn[mb], n_query)
+                    new_logprobs, mb_logits = forward_response(policy_train, mb_seq, mb_attn, mb_query, cfg.temperature)
+                    vpred = value_of_response(value_train, mb_seq, mb_attn, mb_query)
                 del mb_logits
-                pg_loss, vf_loss, st = ppo_losses(new_logprobs, logprobs[mb], advantages[mb], vpred, values[mb],
-                                                  returns[mb], maskf[mb], cfg, n_tokens)
+                pg_loss, vf_loss, st = ppo_losses(new_logprobs, logprobs[mb, :r], advantages[mb, :r], vpred,
+                                                  values[mb, :r], returns[mb, :r], maskf[mb, :r], cfg, n_tokens)
                 loss = pg_loss * d.world_size
                 if ptx_tokens is not None:
                     # PPO-ptx: gamma_ptx * the LM loss on pretraining text, in the same gradient step
-                    windows = text_windows(ptx_tokens, cfg.ptx_batch_size, ptx_seq_len, ptx_gen)
+                    # the global batch of windows, drawn alike on every process; each takes its share
+                    windows = text_windows(ptx_tokens, cfg.ptx_batch_size, ptx_seq_len, ptx_gen)[d.rank::d.world_size]
                     x = torch.tensor([w[:-1] for w, _ in windows], device=d.device)
                     y = torch.tensor([w[1:] for w, _ in windows], device=d.device)
                     with d.autocast():
@@ -367,7 +391,7 @@ def main():
     if d.master:
         if interrupt.done == n_iters:
             save_checkpoint(f"{cfg.out_dir}/value.pt", value_model, cfg, sft_ckpt["tokenizer"], iter=n_iters)
-        print(f"saved {cfg.out_dir}/ckpt.pt")
+        print(f"saved {cfg.out_dir}/ckpt.pt", d.peak_memory())
     d.close()
     interrupt.exit_if_requested(cfg.out_dir)
 

@@ -58,6 +58,7 @@ class RewardConfig:
     max_bad_steps: int = 5  # NaN/inf steps (each skipped) in a row after which the run stops
     device: str = "auto"  # auto, cpu, cuda, cuda:1, mps
     compile: bool = False  # torch.compile the model
+    grad_checkpointing: bool = False  # recompute activations in the backward pass: less memory, slower
     seed: int = 0  # seed for the head's init and the data order
 
     def __post_init__(self):
@@ -89,13 +90,20 @@ def rm_scores(model, idx, last, attention_mask=None):
     return values[torch.arange(idx.size(0), device=idx.device), last]  # (N,)
 
 
-def forward_prompts(model, prompts, device):
-    """Score every response of every prompt in one padded forward pass, and build the (P, Kmax) reward
-    matrix and (P, Kmax, Kmax) comparison masks of ranking_loss."""
-    seqs = [s for p in prompts for s in p["seqs"]]
-    idx = pad_right(seqs, 0).to(device)  # (N, T), N = sum of K: each response forwarded once
-    last = torch.tensor([len(s) - 1 for s in seqs], device=device)
-    r = rm_scores(model, idx, last)
+def forward_prompts(model, prompts, device, rows_per_pass=32):
+    """Score every response of every prompt, each forwarded once, and build the (P, Kmax) reward matrix
+    and (P, Kmax, Kmax) comparison masks of ranking_loss. The responses go through the model sorted by
+    length, rows_per_pass at a time, each pass padded to its own longest: padded to the longest of all,
+    about half of a batch of the world's rankings would be padding."""
+    seqs = [s for p in prompts for s in p["seqs"]]  # N = sum of K sequences
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    parts = []
+    for j in range(0, len(seqs), rows_per_pass):
+        rows = [seqs[i] for i in order[j:j + rows_per_pass]]
+        idx = pad_right(rows, 0).to(device)  # (n, T): right padding, never seen by the real tokens
+        parts.append(rm_scores(model, idx, torch.tensor([len(s) - 1 for s in rows], device=device)))
+    r = torch.empty(len(seqs), dtype=parts[0].dtype, device=device)
+    r[torch.tensor(order, device=device)] = torch.cat(parts)  # (N,): back in the prompts' order
     Kmax = max(len(p["seqs"]) for p in prompts)
     rewards = torch.zeros(len(prompts), Kmax, device=device)
     better = torch.zeros(len(prompts), Kmax, Kmax, dtype=torch.bool, device=device)
@@ -164,6 +172,7 @@ def main():
     tok = get_tokenizer(tokenizer)
     seq_len = min(cfg.seq_len, model.config.block_size)
     model.to(d.device)
+    model.gradient_checkpointing = cfg.grad_checkpointing
     if cfg.compile:
         model.compile()
     raw_model = model
@@ -253,7 +262,7 @@ def main():
         log.log(max_iters, **final)
     save(interrupt.done, reward_bias=bias, val_accuracy=final.get("val_accuracy", float("nan")))
     if d.master:
-        print(f"saved {cfg.out_dir}/ckpt.pt")
+        print(f"saved {cfg.out_dir}/ckpt.pt", d.peak_memory())
     d.close()
     interrupt.exit_if_requested(cfg.out_dir)
 

@@ -64,6 +64,7 @@ class SFTConfig:
     max_bad_steps: int = 5  # NaN/inf steps (each skipped) in a row after which the run stops
     device: str = "auto"  # auto, cpu, cuda, cuda:1, mps
     compile: bool = False  # torch.compile the model
+    grad_checkpointing: bool = False  # recompute activations in the backward pass: less memory, slower
     seed: int = 0  # seed for init, data order and dropout
 
     def __post_init__(self):
@@ -161,6 +162,7 @@ def main():
     tok = get_tokenizer(tokenizer)
     seq_len = min(cfg.seq_len, model.config.block_size)
     model.to(d.device)
+    model.gradient_checkpointing = cfg.grad_checkpointing
     if cfg.compile:
         model.compile()
     raw_model = model
@@ -241,7 +243,7 @@ def main():
     # -- save (after Ctrl-C too: the state to --resume from)
     save(interrupt.done)
     if d.master:
-        print(f"saved {cfg.out_dir}/ckpt.pt")
+        print(f"saved {cfg.out_dir}/ckpt.pt", d.peak_memory())
     d.close()
     interrupt.exit_if_requested(cfg.out_dir)
 
