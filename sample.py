@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from common import autodetect_device, cli, load_checkpoint, model_from_checkpoint, pad_left, parse_config
+from common import autodetect_device, cli, load_checkpoint, load_model, model_from_checkpoint, pad_left, parse_config
 from data.formats import encode_chat, load_prompts, truncate_left, write_jsonl
 from data.tokenizer import get_tokenizer
 
@@ -71,7 +71,11 @@ class CollectConfig:
 
 # --- helpers shared with evaluate.py -------------------------------------------------------------------------
 def load_policy(path, device):
-    """(model in eval mode on device, tokenizer name) of a language-model checkpoint (base, SFT or PPO)."""
+    """(model in eval mode on device, tokenizer name) of a language-model checkpoint (base, SFT or PPO) or
+    of GPT-2 weights (a name such as gpt2, or a Hugging Face directory)."""
+    if not path.endswith(".pt"):
+        tokenizer, model, _ = load_model(path, head="lm", dropout=0.0)
+        return model.to(device).eval(), tokenizer
     ckpt = load_checkpoint(path)
     if ckpt["model_config"].get("head", "lm") != "lm":
         raise ValueError(f"{path} is a reward-model checkpoint (scalar head); give a policy checkpoint here")

@@ -6,6 +6,7 @@
 #   QUICK=1 bash train.sh      # everything tiny, in about a minute (what the tests run)
 #   FORCE=1 bash train.sh      # redo stages whose checkpoints already exist
 #   RUNS=/tmp/r SEED=1 bash train.sh
+#   bash train.sh hh           # real data: GPT-2 on Anthropic's HH-RLHF, on a GPU (see "Real data" in README)
 #
 # Each stage is skipped when its output exists and is finished (unless FORCE=1); an interrupted stage
 # is rerun from the start (or continue it by hand with its script's --resume). Extra arguments for a stage can be
@@ -17,6 +18,9 @@ SEED=${SEED:-0}
 QUICK=${QUICK:-0}
 FORCE=${FORCE:-0}
 PY=${PYTHON:-python}
+LAUNCH=${LAUNCH:-$PY}  # runs the training scripts; LAUNCH="torchrun --standalone --nproc_per_node=4" for 4 GPUs
+MODE=${1:-world}
+[[ $MODE == world || $MODE == hh ]] || { echo "usage: bash train.sh [world|hh]" >&2; exit 2; }
 W=$RUNS/world
 start=$(date +%s)
 
@@ -35,6 +39,49 @@ stage() {  # stage NAME OUTPUT COMMAND...: run COMMAND unless OUTPUT exists; rep
   echo "== $name done in $(( $(date +%s) - t0 ))s"
 }
 
+if [[ $MODE == hh ]]; then
+  # Real data: GPT-2 -> SFT on HH-RLHF's chosen responses -> RM on its pairs -> PPO-ptx on its prompts, with a
+  # text corpus for the ptx loss -> evaluation judged by the RM (HH has no gold judge) and a sample table.
+  #   MODEL=gpt2-medium bash train.sh hh     # gpt2 (default), gpt2-medium, gpt2-large, or a Hugging Face directory
+  #   HH_SOURCE=~/hh-rlhf TEXT_SOURCE=corpus.txt bash train.sh hh   # local copies instead of downloads
+  # Extra stage arguments as above (SFT_ARGS, RM_ARGS, PPO_ARGS; e.g. PPO_ARGS="--compile").
+  MODEL=${MODEL:-gpt2}
+  H=$RUNS/hh
+  if [[ $QUICK == 1 ]]; then  # a tiny model on a few hundred pairs: checks the plumbing on a CPU
+    HH=(--max-examples 400); SFT=(--max-iters 4 --batch-size 8 --micro-batch-size 4 --seq-len 96)
+    RM=(--max-iters 4 --batch-size 8 --micro-batch-size 4 --seq-len 96)
+    PPO=(--total-episodes 16 --batch-size 8 --minibatch-size 4 --ppo-epochs 1 --max-new-tokens 16
+         --ptx-seq-len 32 --ptx-batch-size 4 --sample-interval 1000)
+    EVAL=(--max-prompts 8 --max-new-tokens 16 --best-of 2 --batch-size 8); SIDE=(--n 2 --max-new-tokens 16)
+  else
+    HH=(); SFT=(--epochs 1 --batch-size 64 --micro-batch-size 16 --lr 2e-5 --warmup-iters 50 --seq-len 512)
+    RM=(--epochs 1 --batch-size 64 --micro-batch-size 16 --lr 1e-5 --seq-len 512)
+    PPO=(--total-episodes 32768 --batch-size 64 --minibatch-size 16 --ppo-epochs 2 --max-new-tokens 128
+         --lr 2e-6 --vf-lr 1e-5 --kl-coef 0.05 --ptx-seq-len 256 --sample-interval 20)
+    EVAL=(--max-prompts 500 --max-new-tokens 128 --best-of 4); SIDE=(--n 8 --max-new-tokens 128)
+  fi
+  stage "HH-RLHF data" "$H/data/hh_rlhf.json" $PY -m data.hh_rlhf --out "$H/data" ${HH_SOURCE:+--source "$HH_SOURCE"} \
+    "${HH[@]}"
+  stage "text corpus" "$H/text/pretrain.txt" $PY -m data.text_corpus --out "$H/text" ${TEXT_SOURCE:+--source "$TEXT_SOURCE"}
+  stage sft "$H/sft/ckpt.pt" $LAUNCH sft.py --init "$MODEL" --sft-data "$H/data/sft_train.jsonl" \
+    --val-sft-data "$H/data/sft_val.jsonl" --out-dir "$H/sft" --seed "$SEED" "${SFT[@]}" ${SFT_ARGS:-}
+  stage "reward model" "$H/rm/ckpt.pt" $LAUNCH reward.py --init "$H/sft/ckpt.pt" --data "$H/data/rankings_train.jsonl" \
+    --val-data "$H/data/rankings_val.jsonl" --demo-data "$H/data/sft_val.jsonl" --out-dir "$H/rm" --seed "$SEED" \
+    "${RM[@]}" ${RM_ARGS:-}
+  stage ppo-ptx "$H/ppo_ptx/ckpt.pt" $LAUNCH ppo.py --sft "$H/sft/ckpt.pt" --rm "$H/rm/ckpt.pt" \
+    --prompts "$H/data/ppo_prompts.jsonl" --ptx-data "$H/text/pretrain.txt" --ptx-coef "${PTX_COEF:-1.0}" \
+    --out-dir "$H/ppo_ptx" --seed "$SEED" "${PPO[@]}" ${PPO_ARGS:-}
+  stage evaluate "$H/eval/report.json" $PY evaluate.py --judge rm --prompts "$H/data/test_prompts.jsonl" \
+    --base "$MODEL" --sft "$H/sft/ckpt.pt" --rm "$H/rm/ckpt.pt" --ppo-ptx "$H/ppo_ptx/ckpt.pt" \
+    --pretrain-val "$H/text/pretrain_val.txt" --out-dir "$H/eval" --seed "$SEED" "${EVAL[@]}"
+  # a few held-out prompts, SFT's and PPO-ptx's responses side by side
+  $PY sample.py --ckpt "$H/sft/ckpt.pt" --ckpt "$H/ppo_ptx/ckpt.pt" --prompts "$H/data/test_prompts.jsonl" \
+    --seed "$SEED" "${SIDE[@]}" > "$H/eval/side_by_side.txt"
+  cat "$H/eval/side_by_side.txt" "$H/eval/report.md"
+  echo "== HH pipeline done in $(( $(date +%s) - start ))s: $H/eval/report.json, report.md, side_by_side.txt"
+  exit 0
+fi
+
 if [[ $QUICK == 1 ]]; then
   WORLD=(--pretrain-bytes 60000 --pretrain-val-bytes 8000 --sft-train 200 --sft-val 40 --rankings-train 60
          --rankings-val 30 --ppo-prompts 100 --val-prompts 20 --test-prompts 40)
@@ -51,7 +98,7 @@ else
   PRETRAIN=(--epochs 1 --batch-size 32 --micro-batch-size 32 --lr 2e-3 --warmup-iters 20)
   SFT=(--epochs 4 --batch-size 32 --micro-batch-size 32 --lr 1e-3)
   RANK_PROMPTS=()
-  RM=(--epochs 2 --batch-size 32 --micro-batch-size 16 --lr 3e-4)
+  RM=(--epochs 2 --batch-size 32 --micro-batch-size 16 --lr 3e-4 --eval-interval 1000)
   PPO=()
   EVAL=()
 fi
@@ -61,11 +108,11 @@ stage world "$W/world.json" $PY -m data.world --out "$W" --seed "$SEED" "${WORLD
 
 # Stage 0: a base model pretrained from scratch on the world's text: it knows the facts but does not
 # follow instructions.
-stage pretrain "$RUNS/base/ckpt.pt" $PY sft.py --text-data "$W/pretrain.txt" --val-text-data "$W/pretrain_val.txt" \
+stage pretrain "$RUNS/base/ckpt.pt" $LAUNCH sft.py --text-data "$W/pretrain.txt" --val-text-data "$W/pretrain_val.txt" \
   --out-dir "$RUNS/base" --seed "$SEED" "${MODEL[@]}" "${PRETRAIN[@]}"
 
 # Stage 1: SFT on the simulated demonstrators' (imperfect) demonstrations; loss on response tokens only.
-stage sft "$RUNS/sft/ckpt.pt" $PY sft.py --init "$RUNS/base/ckpt.pt" --sft-data "$W/sft_train.jsonl" \
+stage sft "$RUNS/sft/ckpt.pt" $LAUNCH sft.py --init "$RUNS/base/ckpt.pt" --sft-data "$W/sft_train.jsonl" \
   --val-sft-data "$W/sft_val.jsonl" --out-dir "$RUNS/sft" --seed "$SEED" "${SFT[@]}" ${SFT_ARGS:-}
 
 # Rankings, as in the paper: K = 4..9 samples of the SFT model per prompt, ranked by simulated labelers.
@@ -83,14 +130,14 @@ done
 cat "$W/rankings_train.jsonl" "$RUNS/rankings/rankings_train.jsonl" > "$RUNS/rankings/rm_train.jsonl"
 
 # Stage 2: the reward model, from the SFT model's trunk; demonstrations then score 0 on average.
-stage "reward model" "$RUNS/rm/ckpt.pt" $PY reward.py --init "$RUNS/sft/ckpt.pt" \
+stage "reward model" "$RUNS/rm/ckpt.pt" $LAUNCH reward.py --init "$RUNS/sft/ckpt.pt" \
   --data "$RUNS/rankings/rm_train.jsonl" --val-data "$RUNS/rankings/rankings_val.jsonl" \
   --demo-data "$W/sft_val.jsonl" --out-dir "$RUNS/rm" --seed "$SEED" "${RM[@]}" ${RM_ARGS:-}
 
 # Stage 3: PPO against the RM with a KL penalty to SFT; then PPO-ptx, which mixes in pretraining text.
-stage ppo "$RUNS/ppo/ckpt.pt" $PY ppo.py --sft "$RUNS/sft/ckpt.pt" --rm "$RUNS/rm/ckpt.pt" \
+stage ppo "$RUNS/ppo/ckpt.pt" $LAUNCH ppo.py --sft "$RUNS/sft/ckpt.pt" --rm "$RUNS/rm/ckpt.pt" \
   --prompts "$W/ppo_prompts.jsonl" --out-dir "$RUNS/ppo" --seed "$SEED" "${PPO[@]}" ${PPO_ARGS:-}
-stage ppo-ptx "$RUNS/ppo_ptx/ckpt.pt" $PY ppo.py --sft "$RUNS/sft/ckpt.pt" --rm "$RUNS/rm/ckpt.pt" \
+stage ppo-ptx "$RUNS/ppo_ptx/ckpt.pt" $LAUNCH ppo.py --sft "$RUNS/sft/ckpt.pt" --rm "$RUNS/rm/ckpt.pt" \
   --prompts "$W/ppo_prompts.jsonl" --ptx-data "$W/pretrain.txt" --ptx-coef "${PTX_COEF:-1.0}" \
   --out-dir "$RUNS/ppo_ptx" --seed "$SEED" "${PPO[@]}" ${PPO_ARGS:-}
 

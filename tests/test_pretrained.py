@@ -30,14 +30,19 @@ def hf_state_dict(model):
             continue
         name = k.removeprefix("transformer.")
         out[name] = v.t().contiguous() if name.endswith(CONV1D) else v.clone()
+    T = model.config.block_size
     for i in range(model.config.n_layer):  # the causal-mask buffer old GPT-2 files carry
-        out[f"h.{i}.attn.bias"] = torch.tril(torch.ones(32, 32)).view(1, 1, 32, 32)
+        out[f"h.{i}.attn.bias"] = torch.tril(torch.ones(T, T)).view(1, 1, T, T)
     return out
 
 
 def write_hf_dir(path, model):
+    """A Hugging Face GPT-2 directory (config.json, model.safetensors) holding the weights of `model`."""
+    c = model.config
     path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps({"model_type": "gpt2", **HF_CONFIG}))
+    (path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_positions": c.block_size,
+                                                  "vocab_size": c.vocab_size, "n_layer": c.n_layer,
+                                                  "n_head": c.n_head, "n_embd": c.n_embd}))
     write_safetensors(path / "model.safetensors", hf_state_dict(model))
 
 
