@@ -4,13 +4,15 @@ For each model shape (tiny: 4 layers, 4 heads, 128 wide, byte vocabulary 258, co
 124M GPT-2 shape, 12 layers, 12 heads, 768 wide, vocabulary 50257, context 1024), on one device:
 - training tokens/s of a full step (forward + backward + AdamW from model.configure_optimizers) and MFU
   (model.estimate_mfu; nan where the peak FLOP/s is unknown, as on CPU), with the hand-written attention;
-  with --compile also GPT(config, compile=True), warmed up (compiled) before timing;
+  with --compile also GPT(config, compile=True), warmed up (compiled) before timing, for decode too;
 - decode tokens/s of model.generate with the KV cache (batch 16, 32-token random prompts, 128 new tokens,
   sampling at temperature 1, no top-k, no end-of-text): B * 128 new tokens / seconds (prefill included),
   and the same without the cache (use_cache=False). On CUDA also batch 64;
 - the same for transformers' GPT2LMHeadModel (random init, dropout 0), with attn_implementation "eager"
   (hand-written attention, like ours) and "sdpa" (its default), printed as ratios ours / theirs.
   Decode there is hf.generate(max_new_tokens=128, min_new_tokens=128, do_sample=True, top_k=0).
+- with --ppo, ppo.py's own iterations on random weights of the shape: the split of an iteration's time
+  between generation, scoring and training (64 rollouts, ~64-token prompts, 128-token responses).
 transformers is optional: without it those columns are skipped.
 
 Timing: every function is warmed up, then all of them run round-robin (ours, theirs, ours, ...) in one
@@ -23,6 +25,7 @@ Run:
   python bench.py --device cpu --quick         # smoke test: one repeat, few tokens, small batches
   python bench.py --device cuda --compile      # GPU, bf16, also the torch.compile'd training step
   python bench.py --configs tiny --compile     # CPU inductor needs gcc; compiling takes a while
+  python bench.py --device cuda --configs gpt2 --compile --ppo   # every GPU goal (a few minutes)
 
 Deliberate shortcuts: on CPU the gpt2 shape trains with B=4, T=256 (not the full 1024 context), and its
 no-cache decode runs only 8 new tokens (128 would take minutes on 2 cores): since the no-cache cost per
@@ -30,14 +33,21 @@ token grows with length, the printed cache / no-cache ratio is then a lower boun
 MFU counts attention FLOPs at the full context (model.estimate_mfu), so with T < block_size it is an
 overestimate of the attention part.
 """
+import json
 import os
+import random
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from common import Dist, parse_config
+from common import Dist, parse_config, save_checkpoint
+from data.tokenizer import get_tokenizer
 from model import GPT, GPTConfig
 
 try:
@@ -54,6 +64,7 @@ class BenchConfig:
     configs: str = "tiny,gpt2"  # comma-separated model shapes: tiny, gpt2
     compile: bool = False  # also time training of GPT(config, compile=True)
     quick: bool = False  # smoke test: one repeat, few tokens, small batches (figures not meaningful)
+    ppo: bool = False  # also time ppo.py iterations (batch 64, ~64-token prompts, 128-token responses)
     repeats: int = 3  # timed repeats per measurement; the median is reported
     seed: int = 0  # seed for weights, prompts and sampling
 
@@ -148,16 +159,16 @@ def bench_train(name, cfg, bc, dev, hfs):
     return (B, T), tok_s, mfu
 
 
-def bench_decode(name, cfg, bc, dev, hfs, B, ours):
+def bench_decode(name, cfg, bc, dev, hfs, B, ours, compiled=None):
     new = 16 if bc.quick else NEW_TOKENS
     new_nc = min(new, NOCACHE_TOKENS.get((name, dev.device_type), new))
     g = torch.Generator(device=dev.device).manual_seed(bc.seed)
     prompts = torch.randint(0, cfg.vocab_size, (B, PROMPT_LEN), device=dev.device)  # (B, T0)
     ones = torch.ones_like(prompts)
 
-    def ours_fn(n, use_cache=True):
+    def ours_fn(n, use_cache=True, model=ours):
         with dev.autocast():
-            out = ours.generate(prompts, n, temperature=1.0, top_k=None, use_cache=use_cache, generator=g)
+            out = model.generate(prompts, n, temperature=1.0, top_k=None, use_cache=use_cache, generator=g)
         assert out.shape == (B, PROMPT_LEN + n)
 
     def hf_fn(hf, n):
@@ -167,11 +178,52 @@ def bench_decode(name, cfg, bc, dev, hfs, B, ours):
         assert out.shape == (B, PROMPT_LEN + n), f"transformers stopped early: {tuple(out.shape)}"
 
     fns = {"ours": lambda n=new: ours_fn(n), "nocache": lambda n=new_nc: ours_fn(n, use_cache=False)}
+    if compiled is not None:  # the same weights, forward torch.compile'd (the decode steps' shapes vary)
+        fns["compiled"] = lambda n=new: ours_fn(n, model=compiled)
     fns.update({attn: (lambda n=new, hf=hf: hf_fn(hf, n)) for attn, hf in hfs.items()})
     for fn in fns.values():  # warm-up on a few tokens: every kernel and code path runs once
         fn(min(new, 8))
     secs = interleaved(fns, 1 if bc.quick else bc.repeats, dev.device_type, 0.0 if bc.quick else 5.0)
     return {k: B * (new_nc if k == "nocache" else new) / s for k, s in secs.items()}, new_nc
+
+
+def bench_ppo(name, cfg, bc, dev):
+    """ppo.py itself on random weights of the shape (policy = reference, RM = value init): a few iterations
+    of 64 rollouts, prompts of about 64 tokens, 128-token responses (random weights rarely end early).
+    Prints how an iteration's time splits between generation, scoring and training, from its metrics."""
+    tokenizer = "byte" if cfg.vocab_size == 258 else "gpt2"
+    tok = get_tokenizer(tokenizer)
+    batch, new, iters = (8, 16, 2) if bc.quick else (64, 128, 4)
+    words = ["time", "water", "light", "river", "stone", "story", "garden", "number", "answer", "question"]
+    rnd = random.Random(bc.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        torch.manual_seed(bc.seed)
+        save_checkpoint(tmp / "sft.pt", GPT(cfg), {}, tokenizer)
+        save_checkpoint(tmp / "rm.pt", GPT(GPTConfig(**{**cfg.__dict__, "head": "scalar"})), {}, tokenizer)
+        prompts = []
+        for _ in range(batch * iters):
+            text = ""
+            while len(tok.encode(text)) < 58:  # + the chat template's tokens: about 64
+                text += rnd.choice(words) + " "
+            prompts.append(json.dumps({"prompt": text.strip()}))
+        (tmp / "prompts.jsonl").write_text("\n".join(prompts) + "\n")
+        cmd = [sys.executable, str(Path(__file__).parent / "ppo.py"), "--sft", str(tmp / "sft.pt"), "--rm",
+               str(tmp / "rm.pt"), "--prompts", str(tmp / "prompts.jsonl"), "--out-dir", str(tmp / "ppo"),
+               "--total-episodes", str(batch * iters), "--batch-size", str(batch), "--minibatch-size",
+               str(batch // 4), "--max-new-tokens", str(new), "--device", dev.device, "--save-interval", "0",
+               "--sample-interval", "1000", "--missing-eos-penalty", "0"] + (["--compile"] if bc.compile else [])
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode:
+            raise SystemExit(f"error: ppo.py failed:\n{res.stderr[-3000:]}")
+        rows = [json.loads(line) for line in open(tmp / "ppo" / "metrics.jsonl")][1:]  # the first warms up
+    parts = {k: statistics.mean(r[f"time_{k}"] for r in rows) for k in ("generate", "score", "train")}
+    total = sum(parts.values())
+    print(f"\nPPO iteration ({name}, ppo.py, {batch} rollouts, ~64-token prompts, {new}-token responses, "
+          f"mean of {len(rows)} after the first): {total:.2f} s = "
+          + ", ".join(f"{k} {v:.2f} s ({v / total:.0%})" for k, v in parts.items()))
+    if name == "gpt2" and dev.device_type == "cuda":
+        print(f"  goal: generation <= 50% of the iteration: {'met' if parts['generate'] <= total / 2 else 'MISSED'}")
 
 
 def ratio(a, b):
@@ -205,8 +257,13 @@ def main():
         for hf in hfs.values():
             hf.eval()
         ours = GPT(cfg).to(dev.device).eval()
+        compiled = None
+        if bc.compile:
+            compiled = GPT(cfg).to(dev.device).eval()
+            compiled.load_state_dict(ours.state_dict())
+            compiled.compile()
         for B in decode_batches:
-            dec, new_nc = bench_decode(name, cfg, bc, dev, hfs, B, ours)
+            dec, new_nc = bench_decode(name, cfg, bc, dev, hfs, B, ours, compiled)
             decode_rows.append((name, B, dec, new_nc))
         print(f"[{name}: {time.perf_counter() - t0:.0f} s]", flush=True)
         del hfs, ours
@@ -215,6 +272,9 @@ def main():
         others = (cpu_busy_s() - busy0 - (time.process_time() - own0)) / (time.perf_counter() - wall0)
         print(f"\nother processes used {others:.2f} of {os.cpu_count()} cores during the run"
               + (": contention slows many small ops more than few large ones, ratios are unreliable" if others > 0.2 else ""))
+    if bc.ppo:  # after the load check: ppo.py runs as a separate process
+        for name in names:
+            bench_ppo(name, SHAPES[name], bc, dev)
 
 
 def print_tables(train_rows, decode_rows, bc):
@@ -232,10 +292,12 @@ def print_tables(train_rows, decode_rows, bc):
             line += f" {ratio(t['ours'], t['sdpa']):>10}"
         print(line)
     head = f"{'shape':<6} {'B':>3} {'ours tok/s':>11} {'no-cache':>9} {'(new)':>5} {'cache/no':>9}"
+    head += f" {'compiled':>10}" if bc.compile else ""
     head += f" {'HF eager':>10} {'ours/eager':>10} {'HF sdpa':>10} {'ours/sdpa':>10}" if hf else ""
     print(f"\ndecode ({PROMPT_LEN}-token prompts, {16 if bc.quick else NEW_TOKENS} new tokens, KV cache)\n" + head)
     for name, B, d, new_nc in decode_rows:
         line = f"{name:<6} {B:>3} {d['ours']:>11.0f} {d['nocache']:>9.0f} {new_nc:>5} {ratio(d['ours'], d['nocache']):>9}"
+        line += f" {d['compiled']:>10.0f}" if bc.compile else ""
         if hf:
             line += f" {d['eager']:>10.0f} {ratio(d['ours'], d['eager']):>10} {d['sdpa']:>10.0f}"
             line += f" {ratio(d['ours'], d['sdpa']):>10}"
@@ -256,6 +318,13 @@ def print_goals(train_rows, decode_rows, bc, hf):
     if hf:
         goals += [(f"{name} training (eager) >= 1.0x transformers", 1.0,
                    {a: t["ours"] / t[a] for a in ("eager", "sdpa")}) for name, _, t, _ in train_rows]
+    for name, B, d, _ in decode_rows:  # the GPU goals (batch 64 is measured on CUDA only)
+        if B == 64 and hf and bc.compile:
+            goals.append((f"{name} decode B=64 compiled >= 3x transformers", 3.0,
+                          {a: d["compiled"] / d[a] for a in ("eager", "sdpa")}))
+    for name, (B, T), t, mfu in train_rows:
+        if name == "gpt2" and T == 1024 and bc.compile:
+            goals.append(("gpt2 training MFU (compiled, T=1024) >= 40%", 0.4, {"": mfu["compiled"]}))
     print("\ngoals" + (" (--quick: not meaningful)" if bc.quick else ""))
     for what, target, ratios in goals:
         shown = "  ".join(f"{r:5.2f}x{' vs ' + a if a else ''}" for a, r in ratios.items())
