@@ -118,10 +118,10 @@ class Dist:
         return x
 
     def peak_memory(self):
-        """'peak GPU memory N GiB' on CUDA (the most this process's tensors held at once), '' elsewhere."""
+        """', peak GPU memory N GiB' on CUDA (the most this process's tensors held at once), '' elsewhere."""
         if self.device_type != "cuda":
             return ""
-        return f"peak GPU memory {torch.cuda.max_memory_allocated(self.device) / 2**30:.2f} GiB"
+        return f", peak GPU memory {torch.cuda.max_memory_allocated(self.device) / 2**30:.2f} GiB"
 
     def barrier(self):
         if self.ddp:

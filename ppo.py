@@ -391,7 +391,7 @@ def main():
     if d.master:
         if interrupt.done == n_iters:
             save_checkpoint(f"{cfg.out_dir}/value.pt", value_model, cfg, sft_ckpt["tokenizer"], iter=n_iters)
-        print(f"saved {cfg.out_dir}/ckpt.pt", d.peak_memory())
+        print(f"saved {cfg.out_dir}/ckpt.pt{d.peak_memory()}")
     d.close()
     interrupt.exit_if_requested(cfg.out_dir)
 

@@ -262,7 +262,7 @@ def main():
         log.log(max_iters, **final)
     save(interrupt.done, reward_bias=bias, val_accuracy=final.get("val_accuracy", float("nan")))
     if d.master:
-        print(f"saved {cfg.out_dir}/ckpt.pt", d.peak_memory())
+        print(f"saved {cfg.out_dir}/ckpt.pt{d.peak_memory()}")
     d.close()
     interrupt.exit_if_requested(cfg.out_dir)
 

@@ -243,7 +243,7 @@ def main():
     # -- save (after Ctrl-C too: the state to --resume from)
     save(interrupt.done)
     if d.master:
-        print(f"saved {cfg.out_dir}/ckpt.pt", d.peak_memory())
+        print(f"saved {cfg.out_dir}/ckpt.pt{d.peak_memory()}")
     d.close()
     interrupt.exit_if_requested(cfg.out_dir)
 
