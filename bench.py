@@ -41,7 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -200,7 +200,7 @@ def bench_ppo(name, cfg, bc, dev):
         tmp = Path(tmp)
         torch.manual_seed(bc.seed)
         save_checkpoint(tmp / "sft.pt", GPT(cfg), {}, tokenizer)
-        save_checkpoint(tmp / "rm.pt", GPT(GPTConfig(**{**cfg.__dict__, "head": "scalar"})), {}, tokenizer)
+        save_checkpoint(tmp / "rm.pt", GPT(replace(cfg, head="scalar")), {}, tokenizer)
         prompts = []
         for _ in range(batch * iters):
             text = ""

@@ -128,8 +128,7 @@ class Dist:
             dist.barrier()
 
     def close(self):
-        if self.ddp:  # all ranks leave together: a rank tearing down gloo while another still saves can abort
-            dist.barrier()
+        if self.ddp:
             dist.destroy_process_group()
 
 
@@ -351,22 +350,17 @@ def preflight(out_dir, inputs, resume=False):
 def training_state(d, optimizers, generators=()):
     """What --resume needs besides the weights: the optimisers' moments and every RNG's state (the data
     order follows from the step alone). Tensors and plain values only, so that it loads with
-    weights_only=True. Under DDP each rank's generators are gathered, so call it on every rank."""
+    weights_only=True. `generators` are the ones every process keeps alike (PPO's sampler)."""
     import random
     import numpy as np
     py_version, py_state, py_gauss = random.getstate()
     np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    mine = [g.get_state() for g in generators]
-    every_rank = [mine]
-    if d.ddp and generators:
-        every_rank = [None] * d.world_size
-        dist.all_gather_object(every_rank, mine)
     rng = {"torch": torch.get_rng_state(),
            "cuda": torch.cuda.get_rng_state(d.device) if d.device_type == "cuda" else None,
            "python": (py_version, torch.tensor(py_state), py_gauss),
            "numpy": (np_name, torch.from_numpy(np_keys.astype(np.int64)), int(np_pos), int(np_has_gauss),
                      float(np_gauss)),
-           "generators": every_rank}
+           "generators": [g.get_state() for g in generators]}
     return {"optimizers": [opt.state_dict() for opt in optimizers], "rng": rng}
 
 
@@ -391,11 +385,8 @@ def resume_training(ckpt, cfg, max_iters, d, log, optimizers, generators=()):
         torch.cuda.set_rng_state(rng["cuda"], d.device)
     random.setstate((rng["python"][0], tuple(rng["python"][1].tolist()), rng["python"][2]))
     np.random.set_state((rng["numpy"][0], rng["numpy"][1].numpy().astype(np.uint32), *rng["numpy"][2:]))
-    if len(rng["generators"]) == d.world_size:
-        for g, state in zip(generators, rng["generators"][d.rank]):
-            g.set_state(state)
-    elif generators and d.master:
-        print("warning: resuming with another number of processes: sampling generators start afresh", file=sys.stderr)
+    for g, state in zip(generators, rng["generators"], strict=True):
+        g.set_state(state)
     log.forget_from(ckpt["iter"])
     if d.master:
         print(f"resuming {path} at step {ckpt['iter']} of {max_iters}")

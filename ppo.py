@@ -249,7 +249,7 @@ def main():
         kl_ctl.beta = resumed["kl_beta"]
 
     def save(step):  # the policy for evaluation (its EMA when enabled), and all that --resume needs
-        extra = training_state(d, [opt_policy, opt_value], [sample_gen])  # on every rank: gathers sample_gen
+        extra = training_state(d, [opt_policy, opt_value], [sample_gen])
         if ema is not None:
             extra["policy"] = policy
         if d.master:

@@ -1,11 +1,18 @@
 """HH-RLHF and plain-text preparation, offline, on small files the tests write themselves."""
 import gzip
 import json
+import os
+import subprocess
+import sys
 
 import pytest
+import torch
 
 from data import hh_rlhf, text_corpus
 from data.formats import format_query, load_prompts, load_rankings, load_sft, load_text, split_of
+from model import GPT, GPTConfig
+from test_pretrained import write_hf_dir
+from test_stages import ROOT
 
 
 def transcript(turns):
@@ -122,16 +129,6 @@ def test_text_corpus_split_at_a_line_and_download(tmp_path, monkeypatch):
 def test_hh_pipeline_end_to_end_with_a_tiny_gpt2(hh_clone, tmp_path):
     """QUICK=1 bash train.sh hh: GPT-2-layout weights (tiny, random) -> SFT on HH -> RM -> PPO-ptx -> an
     RM-judged report and a side-by-side table, through the real command lines, all offline."""
-    import os
-    import subprocess
-    import sys
-
-    import torch
-
-    from model import GPT, GPTConfig
-    from test_pretrained import write_hf_dir
-    from test_stages import ROOT
-
     torch.manual_seed(0)
     write_hf_dir(tmp_path / "tiny-gpt2", GPT(GPTConfig(block_size=128, vocab_size=50257, n_layer=1, n_head=2, n_embd=16)))
     (tmp_path / "corpus.txt").write_text("The cat sat on the mat. It was a sunny day.\n" * 200)
