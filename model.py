@@ -95,6 +95,10 @@ class KVCache:
         self.v = torch.empty(B, n_head, max_len, hs, device=device, dtype=dtype)  # (B, nh, Tmax, hs)
         self.len = 0
 
+    def keep(self, rows):
+        """Drop the rows of the batch that have finished generating: rows (B,) bool, True = keep."""
+        self.k, self.v = self.k[rows], self.v[rows]
+
     def append(self, k, v):
         T = k.size(2)
         self.k[:, :, self.len:self.len + T] = k
@@ -216,44 +220,58 @@ class GPT(nn.Module):
         assert T + max_new_tokens <= self.config.block_size, "prompt + max_new_tokens > block_size"
         mask = attention_mask if attention_mask is not None else torch.ones_like(idx)
         pad = pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else 0)
+        row_ids, n_rows = rows if rows is not None else (torch.arange(B, device=idx.device), B)
         caches = None
         if use_cache:
             p = next(self.parameters())
             hs = self.config.n_embd // self.config.n_head
             caches = [KVCache(B, self.config.n_head, T + max_new_tokens, hs, p.device, p.dtype)
                       for _ in range(self.config.n_layer)]
-        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
-        out, logps = [idx], []
+        out = torch.full((B, T + max_new_tokens), pad, dtype=idx.dtype, device=idx.device)  # (B, T + max_new)
+        out[:, :T] = idx
+        logps = torch.zeros(B, max_new_tokens, device=idx.device) if return_logprobs else None
+        # the rows still running (indices into the batch). A finished row leaves the batch once a quarter of
+        # the running rows have finished: a batch with one long response then costs little more than that
+        # one row, instead of every row at every step. Until it leaves, a finished row samples pad.
+        live = torch.arange(B, device=idx.device)
+        done = torch.zeros(B, dtype=torch.bool, device=idx.device)  # of the live rows
         step_input = idx  # prefill with the whole prompt, then one token per step
-        for _ in range(max_new_tokens):
+        n = 0
+        for t in range(max_new_tokens):
             if use_cache:
                 logits, _ = self(step_input, attention_mask=mask, kv_caches=caches)
             else:
-                logits, _ = self(torch.cat(out, dim=1), attention_mask=mask)
-            logits = logits[:, -1, :].float()  # (B, V)
+                logits, _ = self(out[live, :T + t], attention_mask=mask)
+            logits = logits[:, -1, :].float()  # (b, V), b = len(live)
             if temperature == 0:
                 next_tok = logits.argmax(-1)
-                logp = torch.zeros(B, device=idx.device)
+                logp = torch.zeros(len(live), device=idx.device)
             else:
                 logits = logits / temperature
-                probs = F.softmax(filter_logits(logits, top_k, top_p), dim=-1)  # (B, V)
-                # the exponential race: argmax_v p_v / E_v with E_v ~ Exp(1) is token v with probability p_v
-                row_ids, n_rows = rows if rows is not None else (slice(None), B)
+                probs = F.softmax(filter_logits(logits, top_k, top_p), dim=-1)  # (b, V)
+                # the exponential race: argmax_v p_v / E_v with E_v ~ Exp(1) is token v with probability p_v;
+                # each step draws the noise of every row of the (whole) batch, finished or not
                 noise = torch.empty(n_rows, probs.size(1), device=probs.device).exponential_(generator=generator)
-                next_tok = (probs / noise[row_ids].clamp(min=1e-30)).argmax(-1)  # (B,)
+                next_tok = (probs / noise[row_ids[live]].clamp(min=1e-30)).argmax(-1)  # (b,)
                 logp = logprobs_from_logits(logits, next_tok) if return_logprobs else None
             next_tok = torch.where(done, torch.full_like(next_tok, pad), next_tok)
-            out.append(next_tok[:, None])
+            out[live, T + t] = next_tok
             if return_logprobs:
-                logps.append(logp.masked_fill(done, 0.0)[:, None])
+                logps[live, t] = logp.masked_fill(done, 0.0)
+            n = t + 1
             mask = torch.cat([mask, torch.ones_like(next_tok[:, None])], dim=1)
+            step_input = next_tok[:, None]
             if eos_token_id is not None:
                 done = done | (next_tok == eos_token_id)
                 if done.all():
                     break
-            step_input = next_tok[:, None]
-        tokens = torch.cat(out, dim=1)
-        return (tokens, torch.cat(logps, dim=1)) if return_logprobs else tokens
+                if done.sum() * 4 >= len(live):  # the finished rows leave the batch (and its KV cache)
+                    keep = ~done
+                    live, mask, step_input, done = live[keep], mask[keep], step_input[keep], done[keep]
+                    for cache in caches or ():
+                        cache.keep(keep)
+        tokens = out[:, :T + n]
+        return (tokens, logps[:, :n]) if return_logprobs else tokens
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         # decay the matrices (Linear weights, embeddings); not biases and LayerNorm gains

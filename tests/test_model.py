@@ -242,3 +242,28 @@ def test_bf16_frozen_model_logprobs_close_to_fp32_on_cuda():
     with torch.autocast("cuda", dtype=torch.bfloat16):
         half = m.to(torch.bfloat16).token_logprobs(idx)
     torch.testing.assert_close(half.float(), ref, atol=0.05, rtol=0.05)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_finished_rows_leave_the_batch_without_changing_any_row(use_cache):
+    """Rows that end early are dropped from the running batch (and the KV cache): every row still samples
+    exactly what it samples alone with the same noise, and log-probs match."""
+    m = tiny_model()
+    eos, pad = 1, 0
+    with torch.no_grad():  # make eos likely so that rows end at many different steps
+        m.lm_head.weight[eos] += 0.25 * m.transformer.ln_f.weight.sign()
+    g = torch.Generator().manual_seed(3)
+    rows = [torch.randint(2, TINY["vocab_size"], (n,), generator=g).tolist() for n in (3, 7, 1, 5, 9, 2, 4, 6, 8, 3, 5, 7)]
+    idx, mask = left_pad(rows)
+    kw = dict(temperature=1.0, eos_token_id=eos, pad_token_id=pad, return_logprobs=True, use_cache=use_cache)
+    tokens, logps = m.generate(idx, 40, attention_mask=mask, generator=torch.Generator().manual_seed(9), **kw)
+    resp = tokens[:, idx.size(1):]
+    lengths = []
+    for i, r in enumerate(rows):
+        alone, alone_logps = m.generate(torch.tensor([r]), 40, rows=(torch.tensor([i]), len(rows)),
+                                        generator=torch.Generator().manual_seed(9), **kw)
+        n = alone.size(1) - len(r)
+        lengths.append(n)
+        assert torch.equal(resp[i, :n], alone[0, len(r):]) and (resp[i, n:] == pad).all()
+        torch.testing.assert_close(logps[i, :n], alone_logps[0], atol=1e-5, rtol=0)
+    assert len(set(lengths)) > 4  # rows did finish at many different steps
