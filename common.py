@@ -81,7 +81,7 @@ def autodetect_device():
 class Dist:
     """Who this process is: rank, world size, device. Single-process runs have rank 0 of 1."""
 
-    def __init__(self, device="auto"):
+    def __init__(self, device="auto", dtype="auto"):
         self.ddp = int(os.environ.get("RANK", -1)) != -1  # launched by torchrun
         self.rank = int(os.environ.get("RANK", 0))
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -92,6 +92,9 @@ class Dist:
             torch.cuda.set_device(device)
         self.device = device
         self.device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
+        if dtype not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"--dtype must be auto, bf16 or fp32, got {dtype!r}")
+        self.dtype = ("bf16" if self.device_type == "cuda" else "fp32") if dtype == "auto" else dtype
         if self.ddp:
             dist.init_process_group(backend="nccl" if self.device_type == "cuda" else "gloo")
         self.master = self.rank == 0
@@ -104,9 +107,10 @@ class Dist:
         return DDP(model, device_ids=[self.local_rank] if self.device_type == "cuda" else None)
 
     def autocast(self):
-        """bf16 autocast on CUDA (the matmuls in bf16, reductions in fp32); full fp32 elsewhere."""
-        if self.device_type == "cuda":
-            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        """bf16 autocast (the matmuls in bf16, reductions and weights in fp32) when dtype is bf16: the
+        default on CUDA, and --dtype bf16 on a CPU with bf16 matrix units (AMX); full fp32 otherwise."""
+        if self.dtype == "bf16":
+            return torch.autocast(device_type=self.device_type, dtype=torch.bfloat16)
         return nullcontext()
 
     def all_reduce_mean(self, x):
@@ -190,6 +194,15 @@ def load_checkpoint(path, map_location="cpu"):
         print(f"note: {path} is from an unfinished run (step {ckpt['iter']} of {ckpt['max_iters']}); "
               "its stage's --resume finishes it", file=sys.stderr)
     return ckpt
+
+
+def check_max_new_tokens(ckpt, max_new_tokens, path):
+    """Refuse a response budget shorter than the longest demonstration the policy was fine-tuned on: its
+    correct answers would be cut off mid-sentence and scored as unended."""
+    longest = ckpt.get("max_response_tokens", 0)
+    if max_new_tokens < longest:
+        raise ValueError(f"--max-new-tokens {max_new_tokens} is shorter than the longest demonstration {path} "
+                         f"learnt ({longest} tokens with its end-of-text); raise it to at least {longest}")
 
 
 def load_model(init, head, dropout):

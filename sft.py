@@ -43,7 +43,8 @@ class SFTConfig:
     n_layer: int = 4  # scratch model: layers
     n_head: int = 4  # scratch model: attention heads
     n_embd: int = 128  # scratch model: width
-    seq_len: int = 256  # longest training sequence (the scratch model's block_size)
+    seq_len: int = 256  # longest training sequence (pretraining: the length of each text window)
+    block_size: int = 0  # scratch model: context length; 0 = --seq-len
     dropout: float = 0.0  # residual/attention dropout (the paper's SFT used 0.2)
     epochs: float = 1.0  # passes over the SFT data (over the text, when pretraining); the paper used 16
     max_iters: int = 0  # optimiser steps; 0 = derived from epochs
@@ -63,6 +64,7 @@ class SFTConfig:
     resume: bool = False  # continue the interrupted run in out_dir from its ckpt.pt (weights, optimiser, step, RNGs)
     max_bad_steps: int = 5  # NaN/inf steps (each skipped) in a row after which the run stops
     device: str = "auto"  # auto, cpu, cuda, cuda:1, mps
+    dtype: str = "auto"  # matmul precision: bf16 (autocast), fp32, or auto = bf16 on CUDA, fp32 elsewhere
     compile: bool = False  # torch.compile the model
     grad_checkpointing: bool = False  # recompute activations in the backward pass: less memory, slower
     seed: int = 0  # seed for init, data order and dropout
@@ -140,7 +142,7 @@ def val_windows(tokens, seq_len, limit):
 def main():
     # -- config and setup
     cfg = parse_config(SFTConfig)
-    d = Dist(cfg.device)
+    d = Dist(cfg.device, cfg.dtype)
     if cfg.batch_size % (cfg.micro_batch_size * d.world_size):
         raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch-size x processes "
                          f"({cfg.micro_batch_size} x {d.world_size})")
@@ -155,7 +157,7 @@ def main():
     if init == "scratch":
         tokenizer = cfg.tokenizer
         tok = get_tokenizer(tokenizer)
-        model = GPT(GPTConfig(block_size=cfg.seq_len, vocab_size=tok.n_vocab, n_layer=cfg.n_layer,
+        model = GPT(GPTConfig(block_size=cfg.block_size or cfg.seq_len, vocab_size=tok.n_vocab, n_layer=cfg.n_layer,
                               n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout))
     else:
         tokenizer, model, ckpt = load_model(init, "lm", cfg.dropout)
@@ -182,6 +184,9 @@ def main():
     text = torch.tensor(tok.encode(load_text(cfg.text_data))) if cfg.text_data else None
     val_text = val_windows(torch.tensor(tok.encode(load_text(cfg.val_text_data))), seq_len,
                             cfg.eval_batches * cfg.micro_batch_size) if cfg.val_text_data else []
+    # the longest response taught, with its end-of-text: ppo.py, sample.py and evaluate.py check that they
+    # let the policy say that much (a correct answer cut off would be scored as unended)
+    longest = {"max_response_tokens": max(len(ids) - n_query for ids, n_query in train_sft)} if train_sft else {}
     batches = Batches(train_sft, text, cfg, seq_len)
     max_iters = cfg.max_iters or max(1, round(cfg.epochs * batches.iters_per_epoch()))
 
@@ -193,7 +198,7 @@ def main():
     def save(step):  # the weights and what --resume needs, every --save-interval steps and at the end
         if d.master:
             save_checkpoint(f"{cfg.out_dir}/ckpt.pt", raw_model, cfg, tokenizer, iter=step, max_iters=max_iters,
-                            **training_state(d, [optimizer]))
+                            **longest, **training_state(d, [optimizer]))
 
     # -- training loop (Ctrl-C ends it after the current step; a NaN/inf step is skipped)
     t_last = time.time()
