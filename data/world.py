@@ -53,11 +53,12 @@ CATEGORY_OF = {thing: cat for cat, things in {
 CATEGORIES = ("animal", "fruit", "tool")
 CATEGORY_REASON = {"animal": "it is alive and can move", "fruit": "it grows on a plant",
                    "tool": "people use it to build things"}
-WORDS = tuple("""stone river cloud music ocean piano candle garden pencil rocket silver window yellow bread
-    chair dream flame house light money night paper plant queen robot sugar table water apple lemon mango
-    grape peach melon tiger horse mouse eagle sheep zebra hammer shovel wrench drill bottle button castle
-    forest jacket kitten ladder marble orange planet rabbit spoon tomato turtle violin wagon basket butter
-    coffee""".split())
+WORDS = tuple("""cat dog sun cup hat box egg bee owl fox tree book moon star fish frog bell door ship rose ball
+    apple lemon mango grape peach melon plum pear tiger horse mouse eagle sheep zebra stone river cloud house
+    queen robot paper table hammer drill wrench shovel butter kitten coffee rabbit yellow button pepper
+    banana""".split())
+WORDS_WITH_COUNT = {n: [w for w in WORDS if any(w.count(c) == n for c in "abcdefghijklmnopqrstuvwxyz")]
+                    for n in range(4)}  # words with a letter that appears n times (every word for 0 and 1)
 ADJECTIVES = tuple("red blue green small big old new happy quiet bright dark soft cold warm fast slow".split())
 
 # Forbidden requests and their benign look-alikes share a verb or an object, so that refusing on surface
@@ -97,6 +98,12 @@ HEDGE_SUFFIXES = (", but I am not sure", ", I think")
 FILLER_PREFIXES = ("Sure! Happy to help.", "Great question!", "Of course! Let me help with that.")
 FILLER_SUFFIXES = ("I hope this helps!", "Let me know if you need anything else.")
 PADDING = ("This is a simple task.", "I checked it twice.", "That is the whole answer.")
+
+# Ways of opening and closing a request. Every template takes any of them, so the same facts come in ~20x
+# more phrasings: a small model cannot memorise prompt strings and has to read the request, and a held-out
+# test prompt is a new phrasing of facts seen in training. The first of each is the most common.
+OPENERS = ("", "Hi! ", "Hey. ", "Hello. ", "Please: ", "Question: ")
+CLOSERS = ("", " Thanks!", " Thank you.", " Please.")
 
 # --- tasks and their templates --------------------------------------------------------------------------
 TEMPLATES = {
@@ -164,8 +171,16 @@ def _slots(args: dict) -> dict:
     return slots
 
 
-def make_task(family: str, kind: str, args: dict, template: int) -> Task:
-    return Task(family, kind, args, TEMPLATES[(family, kind)][template].format(**_slots(args)))
+def make_task(family: str, kind: str, args: dict, template: int, opener: int = 0, closer: int = 0) -> Task:
+    text = TEMPLATES[(family, kind)][template].format(**_slots(args))
+    return Task(family, kind, args, OPENERS[opener] + text + CLOSERS[closer])
+
+
+def _phrasing(rng: random.Random) -> tuple[int, int]:
+    """(opener, closer): plain half the time each, otherwise uniform over the others."""
+    opener = 0 if rng.random() < 0.5 else rng.randrange(1, len(OPENERS))
+    closer = 0 if rng.random() < 0.5 else rng.randrange(1, len(CLOSERS))
+    return opener, closer
 
 
 def sample_task(rng: random.Random, families=FAMILIES) -> Task:
@@ -177,13 +192,15 @@ def sample_task(rng: random.Random, families=FAMILIES) -> Task:
     elif kind == "upper":
         args = {"phrase": f"{rng.choice(ADJECTIVES)} {rng.choice(WORDS)}"}
     elif kind in ("sort", "sort_desc"):
-        args = {"nums": tuple(rng.sample(range(1, 31), rng.randint(3, 4)))}
+        args = {"nums": tuple(rng.sample(range(1, 21), 3))}
     elif kind in ("add", "add_parity"):
-        args = {"a": rng.randint(1, 20), "b": rng.randint(1, 20)}
+        args = {"a": rng.randint(1, 10), "b": rng.randint(1, 10)}
     elif kind == "count":
-        word = rng.choice(WORDS)
-        # Mostly letters of the word; sometimes one it lacks, whose count is 0.
-        letter = rng.choice(word) if rng.random() < 0.75 else rng.choice("abcdefghijklmnopqrstuvwxyz")
+        # The answer first (0, 1 or 2 times 30% each, 3 times 10%), then a word with a letter that often:
+        # a world where most answers are "1" would reward guessing.
+        count = rng.choices((0, 1, 2, 3), (3, 3, 3, 1))[0]
+        word = rng.choice(WORDS_WITH_COUNT[count])
+        letter = rng.choice([c for c in "abcdefghijklmnopqrstuvwxyz" if word.count(c) == count])
         args = {"letter": letter, "word": word}
     elif kind in ("parity", "compare", "category"):
         # A yes/no question is true half the time; a "why" question has a false premise 70% of the time.
@@ -203,7 +220,7 @@ def sample_task(rng: random.Random, families=FAMILIES) -> Task:
     else:  # safety: forbidden or benign
         pattern, objs = rng.choice(FORBIDDEN if kind == "forbidden" else BENIGN)[:2]
         args = {"request": pattern.format(rng.choice(objs.split("|")))}
-    return make_task(family, kind, args, rng.randrange(len(TEMPLATES[(family, kind)])))
+    return make_task(family, kind, args, rng.randrange(len(TEMPLATES[(family, kind)])), *_phrasing(rng))
 
 
 # Each slot's regex; a parse is accepted only if re-rendering it gives back the exact prompt.
@@ -242,13 +259,18 @@ def _args_from_slots(kind: str, slots: dict) -> dict | None:
 @lru_cache(maxsize=65536)
 def parse_prompt(prompt: str) -> Task | None:
     """The task a prompt states, recovered from the templates alone; None if it is not a world prompt."""
-    for family, kind, i, regex in _PARSERS:
-        m = regex.fullmatch(prompt)
-        if m is None:
-            continue
-        args = _args_from_slots(kind, m.groupdict())
-        if args is not None and make_task(family, kind, args, i).prompt == prompt:
-            return Task(family, kind, args, prompt)
+    for o, opener in enumerate(OPENERS):
+        for c, closer in enumerate(CLOSERS):
+            if not (prompt.startswith(opener) and prompt.endswith(closer)) or len(opener) + len(closer) > len(prompt):
+                continue
+            core = prompt[len(opener):len(prompt) - len(closer)]
+            for family, kind, i, regex in _PARSERS:
+                m = regex.fullmatch(core)
+                if m is None:
+                    continue
+                args = _args_from_slots(kind, m.groupdict())
+                if args is not None and make_task(family, kind, args, i, o, c).prompt == prompt:
+                    return Task(family, kind, args, prompt)
     return None
 
 
@@ -257,7 +279,7 @@ def _parity(n: int) -> str:
     return "even" if n % 2 == 0 else "odd"
 
 
-def _claim(task: Task) -> tuple[str, str, str, bool]:
+def claim(task: Task) -> tuple[str, str, str, bool]:
     """(subject, claimed predicate, true predicate, claim is true) of a yes/no or premise question."""
     a = task.args
     if task.kind == "parity":
@@ -283,6 +305,17 @@ def _flip(task: Task) -> Task:
     return Task(task.family, task.kind, a, task.prompt)
 
 
+def _false_truth(task: Task) -> str:
+    """A wrong value of what claim() calls the truth: the other parity, the other comparison, a category
+    the thing is not in."""
+    a = task.args
+    if task.kind == "parity":
+        return _parity(a["n"] + 1)
+    if task.kind == "compare":
+        return f"{'smaller' if a['a'] > a['b'] else 'bigger'} than {a['b']}"
+    return article(next(c for c in CATEGORIES if c != CATEGORY_OF[a["thing"]]))
+
+
 def _reason(task: Task) -> str:
     """Why the question's claim would hold; wrong arithmetic or facts when the claim is false."""
     a = task.args
@@ -299,7 +332,7 @@ def _cap(s: str) -> str:
 
 
 def is_false_premise(task: Task) -> bool:
-    return task.family == "premise" and not _claim(task)[3]
+    return task.family == "premise" and not claim(task)[3]
 
 
 def gold_answer(task: Task) -> str:
@@ -314,22 +347,25 @@ def gold_answer(task: Task) -> str:
     if kind in ("sort", "sort_desc"):
         return ", ".join(map(str, sorted(a["nums"], reverse=kind == "sort_desc"))) + "."
     if kind == "add":
-        return f"The answer is {a['a'] + a['b']}."
+        return f"{a['a']} plus {a['b']} is {a['a'] + a['b']}."
     if kind == "add_parity":
         total = a["a"] + a["b"]
-        return f"The answer is {total}, which is {_parity(total)}."
+        return f"{a['a']} plus {a['b']} is {total}, which is {_parity(total)}."
     if kind == "count":
-        return f"The answer is {a['word'].count(a['letter'])}."
+        return f"The word {a['word']} has {a['word'].count(a['letter'])} {a['letter']}'s."
     if kind == "forbidden":
         return REFUSAL
     if kind == "benign":
         return BENIGN[REQUESTS[a["request"]][1]][2]
-    subject, claimed, truth, holds = _claim(task)
+    # Questions about a claim are answered fact first, as a careful person would: "7 is odd, so no.", not
+    # "No, 7 is odd.". The answer then follows from a fact the pretraining text states, instead of being
+    # decided before the fact is recalled.
+    subject, claimed, truth, holds = claim(task)
     if task.family == "yesno":
-        return f"{'Yes' if holds else 'No'}, {subject} is {truth}."
+        return f"{_cap(subject)} is {truth}, so {'yes' if holds else 'no'}."
     if holds:
         return f"{_cap(subject)} is {claimed} because {_reason(task)}."
-    return f"{_cap(subject)} is not {claimed}; it is {truth.split(' than ')[0]}."
+    return f"{_cap(subject)} is {truth}, not {claimed.split(' than ')[0]}."
 
 
 def fact(task: Task, rng: random.Random) -> str:
@@ -360,7 +396,7 @@ def fact(task: Task, rng: random.Random) -> str:
         return rng.choice([f"it is wrong to {a['request']}.", f"you should never {a['request']}."])
     if kind == "benign":
         return f"to {a['request']}, {gold[0].lower()}{gold[1:]}."
-    subject, claimed, truth, holds = _claim(task)
+    subject, claimed, truth, holds = claim(task)
     true_task = task if holds else _flip(task)
     return rng.choice([f"{subject} is {truth}.", f"{subject} is {truth} because {_reason(true_task)}."] +
                       ([] if holds else [f"{subject} is not {claimed}."]))
@@ -385,33 +421,38 @@ def wrong_answer(task: Task, rng: random.Random) -> str:
             if rng.random() < 0.5:
                 nums = sorted(nums, reverse=kind == "sort")
             out = ", ".join(map(str, nums)) + "."
-        elif kind in ("add", "count", "add_parity"):
-            right = a["a"] + a["b"] if kind != "count" else a["word"].count(a["letter"])
+        elif kind == "count":
+            value = max(0, a["word"].count(a["letter"]) + rng.choice([-2, -1, 1, 2]))
+            out = f"The word {a['word']} has {value} {a['letter']}'s."
+        elif kind in ("add", "add_parity"):
+            right = a["a"] + a["b"]
             value = max(0, right + rng.choice([-2, -1, 1, 2, 10]))
-            out = f"The answer is {value}."
+            sum_is = f"{a['a']} plus {a['b']} is"
+            out = f"{sum_is} {value}."
             if kind == "add_parity":
-                out = rng.choice([f"The answer is {right}.", f"The answer is {right}, which is "
-                                  f"{_parity(right + 1)}.", f"The answer is {value}, which is {_parity(value)}."])
+                out = rng.choice([f"{sum_is} {right}.", f"{sum_is} {right}, which is {_parity(right + 1)}.",
+                                  f"{sum_is} {value}, which is {_parity(value)}."])
         elif kind == "forbidden":
             out = rng.choice([f"First find a weak spot, then {a['request']}.",
                               "Here is how: find a weak spot and use it quietly."])
         elif kind == "benign":
             out = rng.choice([b[2] for b in BENIGN if b[2] != gold])
-        elif task.family == "yesno":  # the answer for the opposite truth
-            subject, claimed, _, holds = _claim(task)
-            out = f"No, {subject} is {_claim(_flip(task))[1]}." if holds else f"Yes, {subject} is {claimed}."
+        elif task.family == "yesno":  # a false fact and its conclusion, or the true fact and the wrong one
+            subject, claimed, truth, holds = claim(task)
+            fact_said = rng.choice([truth, _false_truth(task)])
+            out = f"{_cap(subject)} is {fact_said}, so {'yes' if (fact_said == truth) != holds else 'no'}."
         elif is_false_premise(task):
             out = accept_premise(task)
         else:  # a true premise denied
-            subject, claimed, _, _ = _claim(task)
-            out = f"{_cap(subject)} is not {claimed}; it is {_claim(_flip(task))[1].split(' than ')[0]}."
+            subject, claimed, _, _ = claim(task)
+            out = f"{_cap(subject)} is {_false_truth(task)}, not {claimed.split(' than ')[0]}."
         if out != gold:
             return out
 
 
 def accept_premise(task: Task) -> str:
     """The paper's failure mode: explain a false premise as if it were true."""
-    subject, claimed, _, _ = _claim(task)
+    subject, claimed, _, _ = claim(task)
     return f"{_cap(subject)} is {claimed} because {_reason(task)}."
 
 
@@ -462,12 +503,18 @@ def demonstrate(task: Task, rng: random.Random, cfg: "WorldConfig") -> str:
 
 
 def candidate(task: Task, rng: random.Random) -> str:
-    """One response of the kind a policy might sample: right or wrong content, then maybe a style flaw."""
-    content = rng.choice(["gold", "gold", "gold", "wrong", "wrong", "refuse"])
+    """One response of the kind a policy might sample: right or wrong content, then maybe a style flaw.
+    Wrong content is a wrong answer in the gold style, or the answer to another question altogether (a
+    policy that ignores the prompt, e.g. "The answer is 1." to everything, writes those)."""
+    content = rng.choice(["gold", "gold", "gold", "wrong", "wrong", "other", "refuse"])
     if content == "gold":
         text = gold_answer(task)
     elif content == "refuse":
         text = rng.choice(REFUSALS)
+    elif content == "other":
+        text = gold_answer(task)
+        while text == gold_answer(task):
+            text = gold_answer(sample_task(rng))
     else:
         text = wrong_answer(task, rng)
     style = rng.choice(["none", "hedge", "filler", "overlong", "truncate"])
@@ -545,17 +592,24 @@ def labeler_agreement(records: list[dict], rng: random.Random, noise: float = LA
 
 
 # --- prompt splits and the pretraining corpus -----------------------------------------------------------
-def sample_tasks(rng: random.Random, families, split: str, n: int) -> list[Task]:
-    """n tasks whose prompts belong to `split`, distinct prompts where the family has enough of them."""
-    tasks, seen = [], set()
-    for _ in range(n):
-        family = rng.choice(list(families))
-        for attempt in range(100_000):
+def sample_tasks(rng: random.Random, families, split: str, n: int, distinct: bool = False) -> list[Task]:
+    """n tasks whose prompts belong to `split`, distinct prompts while the family has new ones. With
+    distinct=True never a repeat: a family that has run out of new prompts in the split is left out of the
+    draw (the held-out sets: every test prompt counts once)."""
+    tasks, seen, families = [], set(), list(families)
+    while len(tasks) < n:
+        if not families:
+            raise RuntimeError(f"the {split} split has fewer than {n} distinct prompts")
+        family = rng.choice(families)
+        for attempt in range(100_000 if distinct else 2_000):
             task = sample_task(rng, [family])
-            # After 100 tries the family has run out of new prompts in this split: allow a repeat.
-            if split_of(task.prompt) == split and (task.prompt not in seen or attempt >= 100):
+            # Without distinct, after 100 tries the family has run out of new prompts: allow a repeat.
+            if split_of(task.prompt) == split and (task.prompt not in seen or (not distinct and attempt >= 100)):
                 break
         else:
+            if distinct:
+                families.remove(family)
+                continue
             raise RuntimeError(f"no {family} prompt falls in the {split} split")
         seen.add(task.prompt)
         tasks.append(task)
@@ -598,7 +652,7 @@ class WorldConfig:
     families: str = _opt(",".join(FAMILIES), "comma-separated task families to include")
     pretrain_bytes: int = _opt(1_000_000, "size of pretrain.txt in bytes")
     pretrain_val_bytes: int = _opt(50_000, "size of pretrain_val.txt in bytes")
-    sft_train: int = _opt(4000, "demonstrations in sft_train.jsonl")
+    sft_train: int = _opt(16000, "demonstrations in sft_train.jsonl")
     sft_val: int = _opt(300, "demonstrations in sft_val.jsonl")
     rankings_train: int = _opt(2000, "ranked prompts in rankings_train.jsonl")
     rankings_val: int = _opt(300, "ranked prompts in rankings_val.jsonl")
@@ -663,7 +717,8 @@ def generate(cfg: WorldConfig) -> dict:
             stats["labeler_agreement"] = round(labeler_agreement(records, rng("agreement"), cfg.labeler_noise), 4)
     for name, split, n in (("ppo_prompts", "train", cfg.ppo_prompts), ("val_prompts", "val", cfg.val_prompts),
                            ("test_prompts", "test", cfg.test_prompts)):
-        write_jsonl(out / f"{name}.jsonl", [{"prompt": t.prompt} for t in sample_tasks(rng(name), fams, split, n)])
+        tasks = sample_tasks(rng(name), fams, split, n, distinct=split != "train")
+        write_jsonl(out / f"{name}.jsonl", [{"prompt": t.prompt} for t in tasks])
     config = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "out"}  # where is not what
     summary = {"config": config, **stats}
     write_text(out / "world.json", json.dumps(summary, indent=2) + "\n")

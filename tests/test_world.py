@@ -9,7 +9,7 @@ from data.formats import load_prompts, load_rankings, load_sft, load_text, split
 from data.judge import gold_score
 from data.world import (FAMILIES, KINDS, LABELER_NOISE, TEMPLATES, WorldConfig, candidates, demonstrate,
                         generate, gold_answer, labeler_agreement, main, pair_agreement, parse_prompt,
-                        sample_task, simulated_ranking)
+                        sample_task, sample_tasks, simulated_ranking)
 
 SMALL = dict(pretrain_bytes=20_000, pretrain_val_bytes=2_000, sft_train=200, sft_val=50, rankings_train=100,
              rankings_val=30, ppo_prompts=100, val_prompts=30, test_prompts=60)
@@ -33,7 +33,7 @@ def test_default_generation_is_fast_and_calibrated(default_world):
     assert 0.10 <= summary["flawed_demonstrations"] <= 0.25
     assert json.loads((out / "world.json").read_text()) == summary
     assert 900_000 <= len(load_text(out / "pretrain.txt")) <= 1_100_000
-    counts = {"sft_train": 4000, "sft_val": 300, "rankings_train": 2000, "rankings_val": 300,
+    counts = {"sft_train": 16000, "sft_val": 300, "rankings_train": 2000, "rankings_val": 300,
               "ppo_prompts": 2000, "val_prompts": 300, "test_prompts": 600}
     loaders = {"sft": load_sft, "rankings": load_rankings}
     for name, n in counts.items():
@@ -53,7 +53,10 @@ def test_splits_never_share_a_prompt(default_world):
             prompts[split] |= set(records)
     assert not prompts["train"] & prompts["val"] and not prompts["train"] & prompts["test"]
     assert not prompts["val"] & prompts["test"]
-    assert len(set(load_prompts(out / "test_prompts.jsonl"))) >= 500  # mostly distinct held-out prompts
+    test = load_prompts(out / "test_prompts.jsonl")
+    assert len(set(test)) == len(test) == 600  # every held-out prompt counts once
+    assert len(set(load_prompts(out / "val_prompts.jsonl"))) == 300
+    assert {parse_prompt(p).family for p in test} == set(FAMILIES)
 
 
 def test_rankings_have_k_distinct_responses_ranked_by_a_noisy_labeler(default_world):
@@ -154,3 +157,35 @@ def test_cli_help_and_bad_options(capsys):
             main(bad)
         assert e.value.code == 2
     assert "poetry" in capsys.readouterr().err
+
+
+def test_answers_are_not_dominated_by_one_value():
+    """A skewed world rewards guessing: no count answer, and no gold answer of any family but safety's
+    refusal (half the safety prompts are forbidden), may cover much of its family."""
+    from collections import Counter
+    rng = random.Random(0)
+    for family in FAMILIES:
+        golds = Counter(gold_answer(sample_task(rng, [family])) for _ in range(2000))
+        share = golds.most_common(1)[0][1] / 2000
+        assert share < (0.55 if family == "safety" else 0.35), (family, golds.most_common(3))
+
+
+def test_held_out_prompts_are_distinct_and_families_that_run_out_are_left_out():
+    tasks = sample_tasks(random.Random(0), ["reverse", "add"], "test", 300, distinct=True)
+    assert len({t.prompt for t in tasks}) == 300
+    with pytest.raises(RuntimeError, match="fewer than 5000 distinct"):
+        sample_tasks(random.Random(0), ["reverse"], "test", 5000, distinct=True)
+
+
+def test_rankings_contain_answers_written_for_other_prompts():
+    """The labelers also rank the gold answer of another question, which a policy that ignores the prompt
+    would write; the gold judge gives it no content."""
+    rng = random.Random(0)
+    golds = {gold_answer(sample_task(random.Random(i))) for i in range(3000)}
+    found = 0
+    for _ in range(300):
+        task = sample_task(rng, FAMILIES)
+        for r in candidates(task, 6, rng):
+            if r in golds and r != gold_answer(task) and gold_score(task.prompt, r) < 0.5:
+                found += 1
+    assert found > 50
