@@ -212,7 +212,7 @@ def bench_ppo(name, cfg, bc, dev):
                str(tmp / "rm.pt"), "--prompts", str(tmp / "prompts.jsonl"), "--out-dir", str(tmp / "ppo"),
                "--total-episodes", str(batch * iters), "--batch-size", str(batch), "--minibatch-size",
                str(batch // 4), "--max-new-tokens", str(new), "--device", dev.device, "--save-interval", "0",
-               "--sample-interval", "1000", "--missing-eos-penalty", "0"] + (["--compile"] if bc.compile else [])
+               "--sample-interval", "1000"] + (["--compile"] if bc.compile else [])
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode:
             raise SystemExit(f"error: ppo.py failed:\n{res.stderr[-3000:]}")

@@ -34,13 +34,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (Dist, Interrupt, NonFiniteGuard, RunLog, cli, load_checkpoint, model_from_checkpoint, pad_left,
+from common import (Dist, Interrupt, check_max_new_tokens, NonFiniteGuard, RunLog, cli, load_checkpoint, model_from_checkpoint, pad_left,
                     parse_config, preflight, resume_training, save_checkpoint, set_seed, shuffled_indices,
                     text_windows, training_state, warn_counts)
 from data.formats import encode_chat, load_prompts, load_text, truncate_left
 from data.tokenizer import get_tokenizer
 from model import logprobs_from_logits
-from reward import rm_scores
+from reward import UNENDED_SCORE, rm_scores, unended_rule
 
 
 @dataclass
@@ -57,7 +57,7 @@ class PPOConfig:
     batch_size: int = 64  # rollouts per iteration, over all processes (paper 512)
     minibatch_size: int = 16  # rollouts per gradient step (paper 64)
     ppo_epochs: int = 2  # passes over each batch of rollouts (paper 1)
-    max_new_tokens: int = 48  # longest response
+    max_new_tokens: int = 128  # longest response (as sample.py and evaluate.py; at least the longest demonstration)
     temperature: float = 1.0  # sampling temperature; log-probs are recomputed at the same temperature
     lr: float = 5e-5  # policy learning rate (constant after warmup, as the paper)
     vf_lr: float = 1e-4  # value model learning rate
@@ -70,7 +70,7 @@ class PPOConfig:
     lam: float = 0.95  # GAE lambda
     cliprange: float = 0.2  # PPO ratio clip (paper 0.2)
     cliprange_value: float = 0.2  # value clip around the rollout's value estimate
-    missing_eos_penalty: float = 1.0  # subtracted from the score of a response that never emitted end-of-text
+    unended_score: float = UNENDED_SCORE  # the score of a response that never emitted end-of-text (reward.py)
     grad_clip: float = 1.0  # clip each model's gradient norm; 0 = off
     ema_decay: float = 0.0  # EMA of the policy weights saved for evaluation (paper 0.992); 0 = off
     sample_interval: int = 10  # iterations between tables of sample responses
@@ -78,6 +78,7 @@ class PPOConfig:
     resume: bool = False  # continue the interrupted run in out_dir from its ckpt.pt (models, optimisers, RNGs, beta)
     max_bad_steps: int = 5  # NaN/inf minibatch steps (each skipped) in a row after which the run stops
     device: str = "auto"  # auto, cpu, cuda, cuda:1, mps
+    dtype: str = "auto"  # matmul precision: bf16 (autocast), fp32, or auto = bf16 on CUDA, fp32 elsewhere
     compile: bool = False  # torch.compile the models
     grad_checkpointing: bool = False  # recompute activations in the backward pass: less memory, slower
     frozen_bf16: bool = True  # on CUDA, the frozen reference and RM in bf16 (half the memory; fp32 on CPU)
@@ -185,7 +186,7 @@ def value_of_response(value_model, seq, attn, n_query):
 def main():
     # -- config and setup
     cfg = parse_config(PPOConfig)
-    d = Dist(cfg.device)
+    d = Dist(cfg.device, cfg.dtype)
     if cfg.batch_size % d.world_size or cfg.minibatch_size % d.world_size or cfg.ptx_batch_size % d.world_size:
         raise ValueError(f"--batch-size, --minibatch-size and --ptx-batch-size must be multiples of the "
                          f"{d.world_size} processes")
@@ -201,6 +202,7 @@ def main():
     sft_ckpt, rm_ckpt = load_checkpoint(cfg.sft), load_checkpoint(cfg.rm)
     if sft_ckpt["tokenizer"] != rm_ckpt["tokenizer"]:
         raise ValueError(f"{cfg.sft} uses tokenizer {sft_ckpt['tokenizer']} but {cfg.rm} uses {rm_ckpt['tokenizer']}")
+    check_max_new_tokens(sft_ckpt, cfg.max_new_tokens, cfg.sft)
     if cfg.max_new_tokens >= sft_ckpt["model_config"]["block_size"]:
         raise ValueError(f"--max-new-tokens {cfg.max_new_tokens} leaves no room for the prompt in the policy's context "
                          f"of {sft_ckpt['model_config']['block_size']} tokens; lower it")
@@ -283,10 +285,10 @@ def main():
         t_gen = time.time() - t0
 
         with torch.no_grad(), d.autocast():
-            # 2. score: the RM at the last real token, minus a penalty for responses that never ended
+            # 2. score: the RM at the last real token; a fixed low score for a response that never ended
             last = n_query - 1 + mask.sum(1)
-            scores = rm_scores(reward_model, seq, last, attention_mask=attn).float()
-            scores = scores - cfg.missing_eos_penalty * (~ended).float()
+            scores = unended_rule(rm_scores(reward_model, seq, last, attention_mask=attn).float(), ended,
+                                  cfg.unended_score)
 
             # 3. KL and rewards. Log-probs are recomputed by a forward pass at the sampling temperature
             logprobs, logits = forward_response(policy, seq, attn, n_query, cfg.temperature)

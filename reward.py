@@ -57,6 +57,7 @@ class RewardConfig:
     resume: bool = False  # continue the interrupted run in out_dir from its ckpt.pt (weights, optimiser, step, RNGs)
     max_bad_steps: int = 5  # NaN/inf steps (each skipped) in a row after which the run stops
     device: str = "auto"  # auto, cpu, cuda, cuda:1, mps
+    dtype: str = "auto"  # matmul precision: bf16 (autocast), fp32, or auto = bf16 on CUDA, fp32 elsewhere
     compile: bool = False  # torch.compile the model
     grad_checkpointing: bool = False  # recompute activations in the backward pass: less memory, slower
     seed: int = 0  # seed for the head's init and the data order
@@ -81,6 +82,18 @@ def ranking_loss(rewards, better):
     diff = rewards[:, :, None] - rewards[:, None, :]  # (P, K, K): r_i - r_j
     pair_losses = -F.logsigmoid(diff) * better
     return pair_losses.sum(dim=(1, 2)) / better.sum(dim=(1, 2)).clamp(min=1)
+
+
+# The score of a response that never emitted end-of-text. The RM only ever sees text that ended, so its
+# output on a cut-off response is an untrained extrapolation (it can be high); ppo.py and evaluate.py both
+# replace it by this fixed value (as lm-human-preferences does for a missing end token), on the RM's
+# normalised scale (demonstrations: mean 0, standard deviation 1), so running out of tokens never pays.
+UNENDED_SCORE = -3.0
+
+
+def unended_rule(scores, ended, unended_score=UNENDED_SCORE):
+    """The score PPO maximises: r(x, y) where the response ended, unended_score where it did not."""
+    return torch.where(ended, scores, torch.full_like(scores, unended_score))
 
 
 def rm_scores(model, idx, last, attention_mask=None):
@@ -142,22 +155,23 @@ def evaluate(model, prompts, cfg, d):
             "score_mean": s.mean().item(), "score_std": s.std().item()}
 
 
-def demo_mean_score(model, demos, cfg, d):
+def demo_scores(model, demos, cfg, d):
+    """r(x, y) of each demonstration (token ids of query + response + end-of-text)."""
     model.eval()
-    total = 0.0
+    out = []
     with torch.no_grad():
         for i in range(0, len(demos), cfg.micro_batch_size * 4):
             seqs = demos[i:i + cfg.micro_batch_size * 4]
             idx = pad_right(seqs, 0).to(d.device)
             with d.autocast():
-                total += rm_scores(model, idx, torch.tensor([len(s) - 1 for s in seqs], device=d.device)).float().sum().item()
-    return total / len(demos)
+                out.append(rm_scores(model, idx, torch.tensor([len(s) - 1 for s in seqs], device=d.device)).float())
+    return torch.cat(out)
 
 
 def main():
     # -- config and setup
     cfg = parse_config(RewardConfig)
-    d = Dist(cfg.device)
+    d = Dist(cfg.device, cfg.dtype)
     if cfg.batch_size % (cfg.micro_batch_size * d.world_size):
         raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch-size x processes "
                          f"({cfg.micro_batch_size} x {d.world_size})")
@@ -244,23 +258,27 @@ def main():
             save(it + 1)
     finished = interrupt.done == max_iters  # else stopped by Ctrl-C: save the state to resume, as it is
 
-    # -- normalise: demonstrations score 0 on average (the paper), folded into the head's bias
+    # -- normalise: demonstrations score 0 on average (the paper's bias) with standard deviation 1 (a gain,
+    # as lm-human-preferences normalises its RM): beta, the unended score and the value model's targets
+    # then have a known size. Folded into the head: r' = (r - mean) / std
     if cfg.demo_data and d.master and finished:
         stats, records = {}, load_sft(cfg.demo_data)
         demos = [e[0] for r in records if (e := encode_example(tok, r["prompt"], r["response"], seq_len, stats))]
         warn_counts(cfg.demo_data, stats, len(records))
-        bias = -demo_mean_score(raw_model, demos, cfg, d)
+        r = demo_scores(raw_model, demos, cfg, d)
+        mean, std = r.mean().item(), r.std().item()
         with torch.no_grad():
-            raw_model.score_head.bias += bias
-        print(f"reward bias {bias:+.4f}: demonstrations now average {demo_mean_score(raw_model, demos, cfg, d):+.2e}")
-    else:
-        bias = 0.0
+            raw_model.score_head.weight /= std
+            raw_model.score_head.bias.sub_(mean).div_(std)
+        r = demo_scores(raw_model, demos, cfg, d)
+        print(f"reward normalised (was mean {mean:+.3f}, std {std:.3f}): demonstrations now score "
+              f"{r.mean().item():+.2e} +- {r.std().item():.3f}")
 
     # -- save
     final = evaluate(raw_model, val, cfg, d) if val and finished and d.master else {}
     if final:
         log.log(max_iters, **final)
-    save(interrupt.done, reward_bias=bias, val_accuracy=final.get("val_accuracy", float("nan")))
+    save(interrupt.done)
     if d.master:
         print(f"saved {cfg.out_dir}/ckpt.pt{d.peak_memory()}")
     d.close()

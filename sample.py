@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from common import autodetect_device, cli, load_checkpoint, load_model, model_from_checkpoint, pad_left, parse_config
+from common import autodetect_device, check_max_new_tokens, cli, load_checkpoint, load_model, model_from_checkpoint, pad_left, parse_config
 from data.formats import encode_chat, load_prompts, truncate_left, write_jsonl
 from data.tokenizer import get_tokenizer
 
@@ -36,7 +36,7 @@ class SampleConfig:
     prompt: str | None = None  # one ad-hoc prompt instead of --prompts
     n: int = 8  # prompts shown: the first n of --prompts
     temperature: float = 1.0  # sampling temperature; 0 = greedy
-    max_new_tokens: int = 64  # longest response, in tokens
+    max_new_tokens: int = 128  # longest response, in tokens
     batch_size: int = 64  # sequences per generation batch
     device: str = "auto"  # auto, cpu, cuda, cuda:1, mps
     seed: int = 0  # seed of the sampler (the same for every checkpoint)
@@ -57,7 +57,7 @@ class CollectConfig:
     k_max: int = 9  # most samples per prompt (the paper: 9)
     max_prompts: int = 0  # use the first N prompts; 0 = all
     temperature: float = 1.0  # sampling temperature (the paper samples at 1)
-    max_new_tokens: int = 64  # longest response, in tokens
+    max_new_tokens: int = 128  # longest response, in tokens (as ppo.py; at least the longest demonstration)
     batch_size: int = 64  # sequences per generation batch
     device: str = "auto"  # auto, cpu, cuda, cuda:1, mps
     seed: int = 0  # seed of K and of the sampler
@@ -174,6 +174,8 @@ def collect(cfg):
     prompts = load_prompts(cfg.prompts)
     prompts = prompts[:cfg.max_prompts] if cfg.max_prompts else prompts
     model, tokenizer = load_policy(cfg.ckpt, device)
+    if cfg.ckpt.endswith(".pt"):
+        check_max_new_tokens(load_checkpoint(cfg.ckpt), cfg.max_new_tokens, cfg.ckpt)
     tok = get_tokenizer(tokenizer)
     rng = random.Random(f"{cfg.seed}/k")
     ks = [rng.randint(cfg.k_min, cfg.k_max) for _ in prompts]  # K ~ uniform on [k_min, k_max] per prompt

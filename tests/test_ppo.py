@@ -101,3 +101,10 @@ def test_response_logprobs_and_values_under_left_padding_equal_unpadded_rows():
             torch.testing.assert_close(logprobs[b, :n], ref, atol=1e-5, rtol=1e-5)
             ref_v = value_model(alone)[0][0, len(q) - 1:-1]
             torch.testing.assert_close(values[b, :n], ref_v, atol=1e-5, rtol=1e-5)
+
+
+def test_unended_responses_get_the_fixed_score():
+    from reward import unended_rule
+    scores = torch.tensor([0.7, 5.0, -0.2])
+    ended = torch.tensor([True, False, True])
+    assert unended_rule(scores, ended, -3.0).tolist() == pytest.approx([0.7, -3.0, -0.2])

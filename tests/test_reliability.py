@@ -225,11 +225,18 @@ def test_config_errors_are_one_line_and_exit_code_2(tmp_path):
     write_tiny_data(tmp_path)
     write_tiny_policy_and_rm(tmp_path)
     (tmp_path / "k1.jsonl").write_text(json.dumps({"prompt": "p", "responses": ["a"], "ranking": [0]}) + "\n")
+    ckpt = load_checkpoint(tmp_path / "sft.pt")
+    ckpt["max_response_tokens"] = 20  # an SFT model taught answers of up to 20 tokens
+    torch.save(ckpt, tmp_path / "sft_long.pt")
     cases = {  # args, words the message must contain, extra environment
         "world size": (["sft.py", "--text-data", "text.txt", "--batch-size", "8", "--micro-batch-size", "4"],
                        "multiple of --micro-batch-size x processes", {"WORLD_SIZE": "3"}),  # no RANK: no process group
         "context": (["ppo.py", *PPO_TINY, "--max-new-tokens", "64"], "leaves no room for the prompt", {}),
         "beta": (["ppo.py", *PPO_TINY, "--kl-coef", "-0.1"], "must be >= 0", {}),
+        "cut-off answers": (["ppo.py", *PPO_TINY, "--sft", "sft_long.pt"],
+                            "--max-new-tokens 8 is shorter than the longest demonstration sft_long.pt learnt (20", {}),
+        "cut-off answers (evaluate)": (["evaluate.py", "--sft", "sft_long.pt", "--rm", "rm.pt", "--prompts",
+                                        "prompts.jsonl", "--max-new-tokens", "8"], "raise it to at least 20", {}),
         "K < 2": (["reward.py", "--init", "sft.pt", "--data", "k1.jsonl", "--device", "cpu"],
                   "k1.jsonl:1: need at least 2 responses", {}),
         "missing file": (["ppo.py", *PPO_TINY, "--ptx-data", "nowhere.txt"], "--ptx-data nowhere.txt: no such", {}),
