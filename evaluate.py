@@ -1,35 +1,50 @@
-"""Evaluation: win rate against the SFT model on held-out prompts, the paper's headline (Figure 1).
+"""Evaluation: win rate against the SFT model on held-out prompts (the paper's Figure 1), accuracy, the
+baselines a skeptic asks for, honesty and harmlessness rates, and checks of the reward model.
 
 Each model answers every held-out prompt once (sampled at --temperature), and is measured by:
 
     win_rate_vs_sft  the gold judge (data/judge.py) compares its response with the SFT model's response
-                     to the same prompt: win 1, tie 0.5, loss 0, averaged over prompts. 95% CI by the
-                     normal approximation over the per-prompt outcomes, mean +- 1.96 s / sqrt(n) (ties make
-                     the outcomes three-valued, so a binomial interval such as Wilson's does not apply)
+                     to the same prompt: win 1, tie 0.5, loss 0, averaged over prompts
     gold_score       the gold judge's 0..1 score (the world's true preference; 1.0 = the gold answer)
-    rm_score         the reward model's score (the proxy the policy was optimised against; 0 = the average
-                     demonstration)
+    accuracy         the fraction of responses with the gold content (hedges and filler aside), overall
+                     and per task family (family_accuracy); `exact` is the fraction exactly gold
+    rm_score         the score PPO maximised: the reward model's r(x, y), or --unended-score for a response
+                     that never emitted end-of-text (the rule ppo.py applies; 0 = the average demonstration)
     kl_vs_sft        sum over response tokens of log pi(y_t | x, y_<t) - log pi_SFT(y_t | x, y_<t), on the
-                     model's own samples, at the sampling temperature, averaged over prompts
+                     model's own samples, at the sampling temperature, averaged over prompts; for a
+                     deterministic policy (greedy, constant) KL(delta_y || pi_SFT) = -log pi_SFT(y)
     pretrain_loss    next-token loss on held-out pretraining text (the "alignment tax", section 4.2)
-    mean_length      response tokens before end-of-text
-    family_accuracy  per task family, the fraction of responses with the gold content (hedges and filler
-                     aside); `accuracy` is the same over all prompts, `exact` the fraction exactly gold
+    mean_length      response tokens before end-of-text; distinct: the share of distinct responses
+    honesty          the analogue of the paper's Figures 4-6: false premises accepted (of the false-premise
+                     prompts), compliance with forbidden requests, refusals of their benign look-alikes,
+                     hedged responses (of all)
+
+Every mean comes with a 95% confidence interval by the normal approximation, mean +- 1.96 s / sqrt(n)
+(win outcomes are three-valued, so a binomial interval such as Wilson's does not apply).
 
 Models (each only when its checkpoint is given; --sft and --rm are required):
 
-    base           the pretrained model, zero-shot in the chat template (GPT-3 in the paper)
-    base_prompted  the same with a few-shot prefix of k demonstrations from --few-shot-data, each in the
-                   chat template with its end-of-text, fixed by --seed ("GPT-3 prompted")
+    base             the pretrained model, zero-shot in the chat template (GPT-3 in the paper)
+    base_prompted    the same with a few-shot prefix of k demonstrations from --few-shot-data, each in the
+                     chat template with its end-of-text, fixed by --seed ("GPT-3 prompted")
+    constant         one fixed answer to every prompt: the one with the best mean gold score on
+                     --val-prompts, among their gold answers and the refusal (gold judge only)
+    family_constant  one fixed answer per task family, chosen the same way: a policy that recognises the
+                     family and ignores the rest of the prompt
+    sft_greedy       the SFT model decoded greedily (temperature 0): RLHF should beat this, not only SFT
     sft, ppo, ppo_ptx  the stage checkpoints
-    best_of_n      N SFT samples per prompt, the one with the highest RM score kept. Its KL is not
-                   estimated from samples but is the analytic value log N - (N - 1) / N (Stiennon et al.
-                   2020; Gao, Schulman & Hilton 2022, "Scaling laws for reward model overoptimization"),
-                   an upper bound on the true KL (Beirami et al. 2024)
+    best_of_n        N SFT samples per prompt, the one with the highest score (by the rule above) kept.
+                     Its KL is the analytic value log N - (N - 1) / N (Stiennon et al. 2020; Gao, Schulman &
+                     Hilton 2022), an upper bound on the true KL (Beirami et al. 2024)
 
-    python evaluate.py --prompts runs/world/test_prompts.jsonl --sft runs/sft/ckpt.pt --rm runs/rm/ckpt.pt \\
-        --base runs/base/ckpt.pt --few-shot-data runs/world/sft_train.jsonl --ppo runs/ppo/ckpt.pt \\
-        --ppo-ptx runs/ppo_ptx/ckpt.pt --pretrain-val runs/world/pretrain_val.txt --out-dir runs/eval  # CPU
+With the gold judge the report also checks the RM on the held-out prompts (rm_checks, per family): how
+often it scores the gold answer above a wrong answer in the same style (data.world.wrong_answer), and
+above the gold answer of another prompt (does it read the prompt?).
+
+    python evaluate.py --prompts runs/world/test_prompts.jsonl --val-prompts runs/world/val_prompts.jsonl \\
+        --sft runs/sft/ckpt.pt --rm runs/rm/ckpt.pt --base runs/base/ckpt.pt \\
+        --few-shot-data runs/world/sft_train.jsonl --ppo runs/ppo/ckpt.pt --ppo-ptx runs/ppo_ptx/ckpt.pt \\
+        --pretrain-val runs/world/pretrain_val.txt --out-dir runs/eval                                  # CPU
     python evaluate.py ... --device cuda --batch-size 256                                   # one GPU
 
 Writes report.json, report.md, winrate.png (winrate.txt, a text chart, without matplotlib) and
@@ -37,9 +52,9 @@ samples.jsonl to --out-dir. Every model samples with a generator seeded by --see
 numbers for every model, so a model identical to SFT gives SFT's responses (win rate 0.5, KL 0).
 
 Deviations from the paper: the judge is the built-in world's gold judge, not held-out labelers. On data
-without one (HH-RLHF), --judge rm compares RM scores instead and gold_score is null; best_of_n then wins
-by construction, as the judge is the RM that picked it. Everything runs in fp32: the KL is a difference
-of two large log-probabilities, and bf16 would add noise to it.
+without one (HH-RLHF), --judge rm compares RM scores instead, gold scores, accuracies and the constant
+baselines are left out; best_of_n then wins by construction, as the judge is the RM that picked it.
+Everything runs in fp32: the KL is a difference of two large log-probabilities, and bf16 would add noise.
 """
 import json
 import math
@@ -52,15 +67,16 @@ from pathlib import Path
 
 import torch
 
-from common import autodetect_device, cli, load_checkpoint, model_from_checkpoint, pad_left, parse_config
+from common import autodetect_device, check_max_new_tokens, cli, load_checkpoint, model_from_checkpoint, pad_left, parse_config
 from data.formats import encode_chat, load_prompts, load_sft, load_text, truncate_left, write_jsonl, write_text
-from data.judge import assess, judge_pair
+from data.judge import assess, gold_score, judge_pair
 from data.tokenizer import get_tokenizer
-from data.world import parse_prompt
-from reward import rm_scores
+from data.world import FAMILIES, REFUSAL, gold_answer, is_false_premise, parse_prompt, wrong_answer
+from reward import UNENDED_SCORE, rm_scores, unended_rule
 from sample import decode_response, encode_queries, load_policy, make_generator, sample_responses
 
-MODELS = ("base", "base_prompted", "sft", "ppo", "ppo_ptx", "best_of_n")  # the report's order
+MODELS = ("base", "base_prompted", "constant", "family_constant", "sft_greedy", "sft", "ppo", "ppo_ptx",
+          "best_of_n")  # the report's order
 
 
 @dataclass
@@ -79,11 +95,13 @@ class EvalConfig:
     out_dir: str = "runs/eval"  # where the report, the chart and the samples go
     max_prompts: int = 600  # use the first N prompts; 0 = all
     temperature: float = 1.0  # sampling temperature of every model (the KL is computed at it too)
-    max_new_tokens: int = 64  # longest response, in tokens
+    max_new_tokens: int = 128  # longest response, in tokens (as ppo.py; at least the longest demonstration)
     batch_size: int = 64  # sequences per generation / scoring batch
     seed: int = 0  # seed of the sampler (the same for every model) and of the few-shot examples
     device: str = "auto"  # auto, cpu, cuda, cuda:1, mps
     judge: str = "gold"  # "gold": the world's gold judge; "rm": RM-score comparisons (real data)
+    val_prompts: str | None = None  # prompts the constant baselines are chosen on (gold judge only)
+    unended_score: float = UNENDED_SCORE  # the score of a response without end-of-text (as ppo.py's)
 
     def __post_init__(self):
         if self.judge not in ("gold", "rm"):
@@ -97,16 +115,17 @@ class EvalConfig:
 
 
 # --- the metrics ---------------------------------------------------------------------------------------------------
-def win_rate(outcomes):
-    """(mean, (lo, hi)) of per-prompt outcomes (1 win, 0.5 tie, 0 loss): the 95% normal-approximation
-    interval mean +- 1.96 * s / sqrt(n), s the sample standard deviation, clipped to [0, 1]."""
-    n = len(outcomes)
-    mean = sum(outcomes) / n
+def mean_ci(values):
+    """(mean, [lo, hi]) of per-prompt values (win outcomes 1 / 0.5 / 0, accuracies 0 / 1, scores): the 95%
+    normal-approximation interval mean +- 1.96 * s / sqrt(n), s the sample standard deviation; clipped
+    to [0, 1], where every value here lies."""
+    n = len(values)
+    mean = sum(values) / n
     if n < 2:
-        return mean, (0.0, 1.0)
-    s = math.sqrt(sum((o - mean) ** 2 for o in outcomes) / (n - 1))
+        return mean, [0.0, 1.0]
+    s = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
     half = 1.96 * s / math.sqrt(n)
-    return mean, (max(0.0, mean - half), min(1.0, mean + half))
+    return mean, [max(0.0, mean - half), min(1.0, mean + half)]
 
 
 def best_of_n_kl(n):
@@ -133,7 +152,7 @@ def response_logprobs(model, contexts, responses, temperature, batch_size):
 
 @torch.no_grad()
 def reward_scores(rm, queries, responses, batch_size):
-    """r(x, y) at each response's last token (its end-of-text when emitted)."""
+    """r(x, y) at each response's last token (its end-of-text when emitted), whether or not it ended."""
     device = next(rm.parameters()).device
     out = []
     for i in range(0, len(queries), batch_size):
@@ -187,31 +206,107 @@ def load_like(path, sft, tokenizer, device):
     return model
 
 
-def run_policy(name, model, contexts, queries, sft, rm, tok, cfg):
-    """Sample one response per query from model (conditioned on contexts) and score it with the RM and
-    the KL to the SFT model (conditioned on the plain queries)."""
+def scores_by_the_rule(rm, queries, responses, tok, cfg):
+    """What PPO maximises: the RM's score, or --unended-score for a response that never ended."""
+    scores = torch.tensor(reward_scores(rm, queries, responses, cfg.batch_size))
+    ended = torch.tensor([r[-1:] == [tok.eot_token] for r in responses])
+    return unended_rule(scores, ended, cfg.unended_score).tolist()
+
+
+def run_policy(name, model, contexts, queries, sft, rm, tok, cfg, temperature=None):
+    """Sample one response per query from model (conditioned on contexts; temperature 0 is greedy) and
+    score it with the RM and the KL to the SFT model (conditioned on the plain queries)."""
     t0 = time.time()
+    temperature = cfg.temperature if temperature is None else temperature
     device = next(model.parameters()).device
-    responses = sample_responses(model, contexts, tok, cfg.max_new_tokens, cfg.temperature, cfg.batch_size,
+    responses = sample_responses(model, contexts, tok, cfg.max_new_tokens, temperature, cfg.batch_size,
                                  make_generator(device, cfg.seed), desc=name)
-    logp = response_logprobs(model, contexts, responses, cfg.temperature, cfg.batch_size)
-    logp_sft = logp if model is sft else response_logprobs(sft, queries, responses, cfg.temperature, cfg.batch_size)
+    logp_sft = response_logprobs(sft, queries, responses, cfg.temperature, cfg.batch_size)
+    if temperature == 0:  # deterministic: log pi(y) = 0
+        logp = [0.0] * len(responses)
+    else:
+        logp = logp_sft if model is sft else response_logprobs(model, contexts, responses, temperature, cfg.batch_size)
     # kl = sum_t log pi(y_t) - log pi_SFT(y_t): the k1 estimate on the policy's own samples
-    return {"responses": responses, "rm": reward_scores(rm, queries, responses, cfg.batch_size),
+    return {"responses": responses, "rm": scores_by_the_rule(rm, queries, responses, tok, cfg),
             "kl": [a - b for a, b in zip(logp, logp_sft)], "seconds": time.time() - t0}
 
 
+def run_fixed(texts, prompts, queries, sft, rm, tok, cfg):
+    """A deterministic policy given by its answer texts: scored like run_policy, with KL = -log pi_SFT(y)."""
+    t0 = time.time()
+    responses = [encode_chat(tok, p, t)[1] for p, t in zip(prompts, texts)]  # " text" + end-of-text
+    logp_sft = response_logprobs(sft, queries, responses, cfg.temperature, cfg.batch_size)
+    return {"responses": responses, "rm": scores_by_the_rule(rm, queries, responses, tok, cfg),
+            "kl": [-lp for lp in logp_sft], "seconds": time.time() - t0}
+
+
+def best_constants(val_prompts):
+    """The best fixed answer overall, and per task family, by mean gold score on the val prompts. The
+    candidates are the val prompts' gold answers and the refusal."""
+    candidates = sorted({gold_answer(parse_prompt(p)) for p in val_prompts} | {REFUSAL})
+    by_family = defaultdict(list)
+    for p in val_prompts:
+        by_family[parse_prompt(p).family].append(p)
+
+    def best(prompts):
+        return max(candidates, key=lambda c: (sum(gold_score(p, c) for p in prompts), c))
+    return best(val_prompts), {f: best(ps) for f, ps in sorted(by_family.items())}
+
+
 def run_best_of_n(sft, rm, queries, tok, cfg):
-    """N SFT samples per prompt, the highest RM score kept (rejection sampling against the RM)."""
+    """N SFT samples per prompt, the highest score by the rule kept (rejection sampling against the RM)."""
     t0, N = time.time(), cfg.best_of
     device = next(sft.parameters()).device
     repeated = [q for q in queries for _ in range(N)]  # (n_prompts * N) contexts, each prompt N times in a row
     samples = sample_responses(sft, repeated, tok, cfg.max_new_tokens, cfg.temperature, cfg.batch_size,
                                make_generator(device, cfg.seed), desc="best_of_n")
-    scores = reward_scores(rm, repeated, samples, cfg.batch_size)
+    scores = scores_by_the_rule(rm, repeated, samples, tok, cfg)
     best = [max(range(i * N, (i + 1) * N), key=scores.__getitem__) for i in range(len(queries))]
     return {"responses": [samples[j] for j in best], "rm": [scores[j] for j in best],
             "kl": [best_of_n_kl(N)] * len(queries), "seconds": time.time() - t0}
+
+
+def rm_checks(rm, prompts, tok, cfg):
+    """How often the RM scores each held-out prompt's gold answer above (a) a wrong answer in the same style
+    and (b) the gold answer of another prompt (a different one, drawn with --seed), overall and per family.
+    An RM that fails (a) cannot teach correctness; one that fails (b) scores answers without reading the
+    prompt, and a policy can then give one answer to everything."""
+    rng = random.Random(f"{cfg.seed}/rm_checks")
+    tasks = [parse_prompt(p) for p in prompts]
+    golds = [gold_answer(t) for t in tasks]
+    wrong = [wrong_answer(t, rng) for t in tasks]
+    other = []
+    for g in golds:
+        o = rng.choice(golds)
+        while o == g and len(set(golds)) > 1:
+            o = rng.choice(golds)
+        other.append(o)
+    queries = encode_queries(tok, prompts, rm.config.block_size - cfg.max_new_tokens)
+
+    def scores(texts):
+        return reward_scores(rm, queries, [encode_chat(tok, p, t)[1] for p, t in zip(prompts, texts)], cfg.batch_size)
+    s_gold, s_wrong, s_other = scores(golds), scores(wrong), scores(other)
+    out = {}
+    for check, s_alt in (("gold_over_wrong", s_wrong), ("gold_over_other_prompt", s_other)):
+        right = [a > b for a, b in zip(s_gold, s_alt)]
+        by_family = defaultdict(list)
+        for t, r in zip(tasks, right):
+            by_family[t.family].append(r)
+        out[check] = {"all": sum(right) / len(right), **{f: sum(v) / len(v) for f, v in sorted(by_family.items())}}
+    return out
+
+
+def honesty(tasks, parts):
+    """Rates of the paper's honesty and harmlessness failures (Figures 4-6), each over the prompts where it
+    can happen (None when the evaluated prompts have none)."""
+    def rate(flags):
+        return sum(flags) / len(flags) if flags else None
+    return {
+        "false_premise_accepted": rate([p["accepted_premise"] for t, p in zip(tasks, parts) if is_false_premise(t)]),
+        "harmful_compliance": rate([not p["refused"] for t, p in zip(tasks, parts) if t.kind == "forbidden"]),
+        "benign_refusal": rate([p["refused"] for t, p in zip(tasks, parts) if t.kind == "benign"]),
+        "hedged": rate([p["hedged"] for p in parts]),
+    }
 
 
 def summarise(run, sft_run, prompts, tok, cfg):
@@ -225,23 +320,23 @@ def summarise(run, sft_run, prompts, tok, cfg):
         parts = None
         outcomes = [0.5 if a == b or ra == rb else float(ra > rb)
                     for a, b, ra, rb in zip(texts, sft_texts, run["rm"], sft_run["rm"])]
-    rate, (lo, hi) = win_rate(outcomes)
+    rate, ci = mean_ci(outcomes)
     n = len(prompts)
-    entry = {"win_rate_vs_sft": rate, "win_rate_ci": [lo, hi], "gold_score": None,
-             "rm_score": sum(run["rm"]) / n, "kl_vs_sft": sum(run["kl"]) / n, "pretrain_loss": None,
-             "mean_length": sum(len(r) - (r[-1:] == [tok.eot_token]) for r in run["responses"]) / n,
-             "ended": sum(r[-1:] == [tok.eot_token] for r in run["responses"]) / n, "family_accuracy": {}}
+    entry = {"win_rate_vs_sft": rate, "win_rate_ci": ci, "gold_score": None, "gold_score_ci": None,
+             "accuracy": None, "accuracy_ci": None, "rm_score": sum(run["rm"]) / n, "kl_vs_sft": sum(run["kl"]) / n,
+             "pretrain_loss": None, "mean_length": sum(len(r) - (r[-1:] == [tok.eot_token]) for r in run["responses"]) / n,
+             "ended": sum(r[-1:] == [tok.eot_token] for r in run["responses"]) / n, "distinct": len(set(texts)) / n,
+             "family_accuracy": {}}
     if parts is not None:
-        entry["gold_score"] = sum(p["score"] for p in parts) / n
-        entry["accuracy"] = sum(p["content"] == 1.0 for p in parts) / n
+        tasks = [parse_prompt(p) for p in prompts]
+        entry["gold_score"], entry["gold_score_ci"] = mean_ci([p["score"] for p in parts])
+        entry["accuracy"], entry["accuracy_ci"] = mean_ci([float(p["content"] == 1.0) for p in parts])
         entry["exact"] = sum(p["exact"] for p in parts) / n
-        entry["hedged"] = sum(p["hedged"] for p in parts) / n
         by_family = defaultdict(list)
-        for prompt, p in zip(prompts, parts):
-            task = parse_prompt(prompt)
-            if task is not None:
-                by_family[task.family].append(p["content"] == 1.0)
+        for task, p in zip(tasks, parts):
+            by_family[task.family].append(p["content"] == 1.0)
         entry["family_accuracy"] = {f: sum(v) / len(v) for f, v in sorted(by_family.items())}
+        entry["honesty"] = honesty(tasks, parts)
     rows = [{"response": t, "gold_score": p["score"] if parts else None, "rm_score": r, "kl": k, "vs_sft": o}
             for t, p, r, k, o in zip(texts, parts or [None] * n, run["rm"], run["kl"], outcomes)]
     return entry, rows
@@ -252,38 +347,65 @@ def _f(v, fmt=".3f"):
     return "-" if v is None else format(v, fmt)
 
 
+def _ci(value, ci, fmt=".3f"):
+    return "-" if value is None else f"{value:{fmt}} [{ci[0]:{fmt}}, {ci[1]:{fmt}}]"
+
+
 def markdown_table(report):
     models = report["models"]
-    lines = ["| model | win rate vs SFT [95% CI] | gold score | RM score | KL vs SFT | pretrain loss | length "
-             "| accuracy |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | win rate vs SFT [95% CI] | gold score [95% CI] | accuracy [95% CI] | RM score | KL vs SFT "
+             "| pretrain loss | length | distinct |", "|---|---|---|---|---|---|---|---|---|"]
     for name, m in models.items():
-        lo, hi = m["win_rate_ci"]
-        lines.append(f"| {name} | {m['win_rate_vs_sft']:.3f} [{lo:.3f}, {hi:.3f}] | {_f(m['gold_score'])} | "
+        lines.append(f"| {name} | {_ci(m['win_rate_vs_sft'], m['win_rate_ci'])} | "
+                     f"{_ci(m['gold_score'], m['gold_score_ci'])} | {_ci(m['accuracy'], m['accuracy_ci'])} | "
                      f"{m['rm_score']:+.3f} | {m['kl_vs_sft']:.2f} | {_f(m['pretrain_loss'])} | "
-                     f"{m['mean_length']:.1f} | {_f(m.get('accuracy'))} |")
+                     f"{m['mean_length']:.1f} | {m['distinct']:.2f} |")
+    ref = report.get("gold_reference")
+    if ref:
+        lines.append(f"\nThe gold answers themselves: length {ref['mean_length']:.1f} tokens, distinct {ref['distinct']:.2f}.")
     families = sorted({f for m in models.values() for f in m["family_accuracy"]})
     if families:
         lines += ["", "Accuracy (gold content) per task family:", "",
                   "| model | " + " | ".join(families) + " |", "|---|" + "---|" * len(families)]
         for name, m in models.items():
             lines.append(f"| {name} | " + " | ".join(_f(m["family_accuracy"].get(f), ".2f") for f in families) + " |")
+    if any("honesty" in m for m in models.values()):
+        keys = ("false_premise_accepted", "harmful_compliance", "benign_refusal", "hedged")
+        lines += ["", "Honesty and harmlessness (lower is better; each over the prompts where it can happen):", "",
+                  "| model | " + " | ".join(k.replace("_", " ") for k in keys) + " |", "|---|" + "---|" * len(keys)]
+        for name, m in models.items():
+            lines.append(f"| {name} | " + " | ".join(_f(m["honesty"][k], ".2f") for k in keys) + " |")
+    checks = report.get("rm_checks")
+    if checks:
+        cols = ["all"] + [f for f in FAMILIES if f in checks["gold_over_wrong"]]
+        lines += ["", "The reward model on the held-out prompts: how often the gold answer scores higher than",
+                  "a wrong answer in the same style, and than the gold answer of another prompt:", "",
+                  "| check | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+        for name, row in checks.items():
+            lines.append(f"| {name.replace('_', ' ')} | " + " | ".join(f"{row[c]:.2f}" for c in cols) + " |")
     return "\n".join(lines) + "\n"
 
 
 def text_chart(report, width=40):
-    """Win rates as bars of '#', with '|' at 0.5 and the CI in brackets."""
+    """Win rates as bars of '#', with '|' at 0.5 and the CI in brackets; accuracies likewise."""
     lines = [f"win rate vs SFT (judge: {report['config']['judge']}), '|' marks 0.5"]
     pad = max(len(n) for n in report["models"])
     for name, m in report["models"].items():
         bar = list("#" * round(m["win_rate_vs_sft"] * width) + " " * width)[:width]
         bar[width // 2] = "|"
-        lo, hi = m["win_rate_ci"]
-        lines.append(f"{name:<{pad}} {''.join(bar)} {m['win_rate_vs_sft']:.3f} [{lo:.3f}, {hi:.3f}]")
+        lines.append(f"{name:<{pad}} {''.join(bar)} {_ci(m['win_rate_vs_sft'], m['win_rate_ci'])}")
+    if any(m["accuracy"] is not None for m in report["models"].values()):
+        lines.append("accuracy")
+        for name, m in report["models"].items():
+            if m["accuracy"] is not None:
+                lines.append(f"{name:<{pad}} {'#' * round(m['accuracy'] * width):<{width}} "
+                             f"{_ci(m['accuracy'], m['accuracy_ci'])}")
     return "\n".join(lines) + "\n"
 
 
 def plot_win_rates(report, out_dir):
-    """Figure 1's analogue: win rate against SFT per model, 95% CI bars, 0.5 dashed. Returns the file."""
+    """Figure 1's analogue: win rate against SFT per model, 95% CI bars, 0.5 dashed; next to it the
+    accuracy of each model and baseline (with the gold judge). Returns the file."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -293,25 +415,61 @@ def plot_win_rates(report, out_dir):
         print(chart)
         write_text(out_dir / "winrate.txt", chart)
         return out_dir / "winrate.txt"
-    names = list(report["models"])
-    rates = [report["models"][n]["win_rate_vs_sft"] for n in names]
-    err = [[r - report["models"][n]["win_rate_ci"][0] for n, r in zip(names, rates)],
-           [report["models"][n]["win_rate_ci"][1] - r for n, r in zip(names, rates)]]  # (2, n_models)
-    fig, ax = plt.subplots(figsize=(1.3 * len(names) + 2, 4))
-    ax.errorbar(range(len(names)), rates, yerr=err, fmt="o", capsize=4)
-    ax.axhline(0.5, linestyle="--", color="gray")
-    ax.set_xticks(range(len(names)), names)
-    ax.set_xlim(-0.5, len(names) - 0.5)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("win rate against SFT")
-    ax.set_title(f"{report['n_prompts']} held-out prompts, judge: {report['config']['judge']}, 95% CI")
+    models = report["models"]
+    panels = [("win_rate_vs_sft", "win_rate_ci", "win rate against SFT")]
+    if any(m["accuracy"] is not None for m in models.values()):
+        panels.append(("accuracy", "accuracy_ci", "accuracy (gold content)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(len(panels) * (0.9 * len(models) + 2), 4), squeeze=False)
+    for ax, (key, ci, label) in zip(axes[0], panels):
+        names = [n for n in models if models[n][key] is not None]
+        values = [models[n][key] for n in names]
+        err = [[v - models[n][ci][0] for n, v in zip(names, values)],
+               [models[n][ci][1] - v for n, v in zip(names, values)]]  # (2, n_models)
+        ax.errorbar(range(len(names)), values, yerr=err, fmt="o", capsize=4)
+        if key == "win_rate_vs_sft":
+            ax.axhline(0.5, linestyle="--", color="gray")
+        ax.set_xticks(range(len(names)), names, rotation=35, ha="right")
+        ax.set_xlim(-0.5, len(names) - 0.5)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel(label)
+    fig.suptitle(f"{report['n_prompts']} held-out prompts, judge: {report['config']['judge']}, 95% CI")
     fig.tight_layout()
     fig.savefig(out_dir / "winrate.png", dpi=120)
     plt.close(fig)
     return out_dir / "winrate.png"
 
 
+def summarise_seeds(paths):
+    """Mean and spread over runs with different seeds: the table of `bash train.sh seeds`."""
+    reports = [json.loads(Path(p).read_text()) for p in paths]
+    keys = ("win_rate_vs_sft", "gold_score", "accuracy", "kl_vs_sft")
+    lines = [f"Over {len(reports)} seeds ({', '.join(str(r['config']['seed']) for r in reports)}): mean +- standard "
+             "deviation [min, max]", "", "| model | " + " | ".join(k.replace("_", " ") for k in keys) + " |",
+             "|---|" + "---|" * len(keys)]
+    for name in MODELS:
+        runs = [r["models"][name] for r in reports if name in r["models"]]
+        if len(runs) < len(reports):
+            continue
+        cells = []
+        for k in keys:
+            v = [m[k] for m in runs]
+            if any(x is None for x in v):
+                cells.append("-")
+                continue
+            mean = sum(v) / len(v)
+            std = math.sqrt(sum((x - mean) ** 2 for x in v) / max(1, len(v) - 1))
+            cells.append(f"{mean:.3f} +- {std:.3f} [{min(v):.3f}, {max(v):.3f}]")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main():
+    # python evaluate.py seeds REPORT.json ...: the mean and spread of several runs' reports
+    if sys.argv[1:2] == ["seeds"]:
+        if len(sys.argv) < 4:
+            raise ValueError("usage: python evaluate.py seeds runs/seed0/eval/report.json runs/seed1/... (two or more)")
+        print(summarise_seeds(sys.argv[2:]), end="")
+        return
     # -- config and setup
     cfg = parse_config(EvalConfig)
     device = autodetect_device() if cfg.device == "auto" else cfg.device
@@ -320,6 +478,8 @@ def main():
 
     # -- models: the SFT reference and the RM stay loaded; the others are loaded in turn
     sft, tokenizer = load_policy(cfg.sft, device)
+    if cfg.sft.endswith(".pt"):
+        check_max_new_tokens(load_checkpoint(cfg.sft), cfg.max_new_tokens, cfg.sft)
     rm_ckpt = load_checkpoint(cfg.rm)
     if rm_ckpt["model_config"].get("head") != "scalar":
         raise ValueError(f"--rm {cfg.rm} is not a reward model (its head is not scalar); pass reward.py's checkpoint")
@@ -336,6 +496,9 @@ def main():
         raise ValueError(f"--max-new-tokens {cfg.max_new_tokens} leaves no room for the prompt in "
                          f"block_size {sft.config.block_size}")
     queries = encode_queries(tok, prompts, max_query)
+    if cfg.judge == "gold" and (bad := next((p for p in prompts if parse_prompt(p) is None), None)):
+        raise ValueError(f"--prompts {cfg.prompts}: {bad[:60]!r} is not a prompt of the built-in world; "
+                         "the gold judge knows only those (use --judge rm)")
     windows = None
     if cfg.pretrain_val:
         text = torch.tensor(tok.encode(load_text(cfg.pretrain_val)))
@@ -345,7 +508,13 @@ def main():
     # -- responses and scores, model by model (SFT first: it is every comparison's baseline)
     runs, tax = {}, {}
     runs["sft"] = run_policy("sft", sft, queries, queries, sft, rm, tok, cfg)
-    tax["sft"] = pretrain_loss(sft, windows, cfg.batch_size)
+    tax["sft"] = tax["sft_greedy"] = tax["best_of_n"] = pretrain_loss(sft, windows, cfg.batch_size)
+    runs["sft_greedy"] = run_policy("sft_greedy", sft, queries, queries, sft, rm, tok, cfg, temperature=0.0)
+    if cfg.judge == "gold" and cfg.val_prompts:  # the trivial policies, chosen on the val prompts
+        constant, per_family = best_constants(load_prompts(cfg.val_prompts))
+        runs["constant"] = run_fixed([constant] * len(prompts), prompts, queries, sft, rm, tok, cfg)
+        family_texts = [per_family.get(parse_prompt(p).family, constant) for p in prompts]
+        runs["family_constant"] = run_fixed(family_texts, prompts, queries, sft, rm, tok, cfg)
     if cfg.base:
         base = load_like(cfg.base, sft, tokenizer, device)
         runs["base"] = run_policy("base", base, queries, queries, sft, rm, tok, cfg)
@@ -361,19 +530,23 @@ def main():
             tax[name] = pretrain_loss(model, windows, cfg.batch_size)
             del model
     if cfg.best_of:
-        runs["best_of_n"] = run_best_of_n(sft, rm, queries, tok, cfg)
-        tax["best_of_n"] = tax["sft"]  # the SFT model's weights
+        runs["best_of_n"] = run_best_of_n(sft, rm, queries, tok, cfg)  # the SFT model's weights
 
     # -- judge and report
     report = {"models": {}, "seconds": {}, "n_prompts": len(prompts), "config": asdict(cfg)}
     per_prompt = [{"prompt": p, "responses": {}} for p in prompts]
     for name in (n for n in MODELS if n in runs):
         entry, rows = summarise(runs[name], runs["sft"], prompts, tok, cfg)
-        entry["pretrain_loss"] = tax[name]
+        entry["pretrain_loss"] = tax.get(name)  # None for the constant policies: no weights
         report["models"][name] = entry
         report["seconds"][name] = round(runs[name]["seconds"], 3)
         for record, row in zip(per_prompt, rows):
             record["responses"][name] = row
+    if cfg.judge == "gold":
+        golds = [encode_chat(tok, p, gold_answer(parse_prompt(p)))[1] for p in prompts]
+        report["gold_reference"] = {"mean_length": sum(len(g) - 1 for g in golds) / len(golds),
+                                    "distinct": len({tuple(g) for g in golds}) / len(golds)}
+        report["rm_checks"] = rm_checks(rm, prompts, tok, cfg)
     report["total_seconds"] = round(time.time() - t_start, 3)
     write_text(out_dir / "report.json", json.dumps(report, indent=2) + "\n")
     table = markdown_table(report)

@@ -138,7 +138,7 @@ def test_hh_pipeline_end_to_end_with_a_tiny_gpt2(hh_clone, tmp_path):
     res = subprocess.run(["bash", str(ROOT / "train.sh"), "hh"], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     report = json.loads((tmp_path / "runs" / "hh" / "eval" / "report.json").read_text())
-    assert set(report["models"]) == {"base", "sft", "ppo_ptx", "best_of_n"}
+    assert set(report["models"]) == {"base", "sft_greedy", "sft", "ppo_ptx", "best_of_n"}
     assert report["config"]["judge"] == "rm" and report["models"]["ppo_ptx"]["gold_score"] is None
     assert report["models"]["sft"]["win_rate_vs_sft"] == 0.5  # SFT against itself: every prompt a tie
     side = (tmp_path / "runs" / "hh" / "eval" / "side_by_side.txt").read_text()

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from common import load_checkpoint, model_from_checkpoint
+from data.formats import encode_chat
 from data.tokenizer import get_tokenizer
 from model import GPT, GPTConfig
 from reward import better_than, forward_prompts, ranking_loss
@@ -119,9 +120,20 @@ def test_pretrain_sft_rm_end_to_end_through_the_command_lines(tmp_path):
     rm_ckpt = load_checkpoint(tmp_path / "rm" / "ckpt.pt")
     assert sft["tokenizer"] == rm_ckpt["tokenizer"] == "byte" and sft["model_config"]["head"] == "lm"
     rm = model_from_checkpoint(rm_ckpt)
-    assert rm.config.head == "scalar" and "reward_bias" in rm_ckpt
-    idx = torch.tensor([get_tokenizer("byte").encode("\n\nHuman: hi\n\nAssistant: ok")])
+    assert rm.config.head == "scalar"
+    tok = get_tokenizer("byte")
+    idx = torch.tensor([tok.encode("\n\nHuman: hi\n\nAssistant: ok")])
     assert rm(idx)[0].shape == idx.shape
+    # normalised: the demonstrations score 0 on average with standard deviation 1
+    demos = [sum(encode_chat(tok, json.loads(line)["prompt"], json.loads(line)["response"]), [])
+             for line in open(tmp_path / "sft.jsonl")]
+    with torch.no_grad():
+        scores = torch.tensor([rm(torch.tensor([ids]))[0][0, -1].item() for ids in demos])
+    assert abs(scores.mean().item()) < 1e-4 and scores.std().item() == pytest.approx(1.0, abs=1e-4)
+    # the SFT checkpoint records the longest response it was taught (with its end-of-text)
+    assert sft["max_response_tokens"] == max(len(encode_chat(tok, json.loads(line)["prompt"],
+                                                             json.loads(line)["response"])[1])
+                                             for line in open(tmp_path / "sft.jsonl"))
     losses = [json.loads(l)["loss"] for l in open(tmp_path / "sft" / "metrics.jsonl") if '"loss"' in l]
     assert all(math.isfinite(x) for x in losses)
 
@@ -138,7 +150,8 @@ def test_quick_pipeline_end_to_end(tmp_path):
     res = subprocess.run(["bash", str(ROOT / "train.sh")], env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
-    assert set(report["models"]) == {"base", "base_prompted", "sft", "ppo", "ppo_ptx", "best_of_n"}
+    from evaluate import MODELS
+    assert list(report["models"]) == list(MODELS)
     for m in report["models"].values():
         assert math.isfinite(m["win_rate_vs_sft"]) and len(m["win_rate_ci"]) == 2 and math.isfinite(m["kl_vs_sft"])
     # a second run skips every finished stage
