@@ -232,12 +232,14 @@ def model_from_checkpoint(ckpt, head=None, dropout=None):
 class RunLog:
     """Metrics as JSON lines in out_dir/metrics.jsonl and one fixed-format line per logged step."""
 
-    def __init__(self, out_dir, enabled=True):
+    def __init__(self, out_dir, enabled=True, resume=False):
         self.enabled = enabled
         self.path = Path(out_dir) / "metrics.jsonl"
         self.t0 = time.time()
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            if not resume:  # a fresh run in an old out_dir starts a fresh log, not the old run's continuation
+                self.path.unlink(missing_ok=True)
 
     def forget_from(self, step):
         """Drop the records of steps >= step, which a resumed run logs again (an interrupted run may have

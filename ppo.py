@@ -193,7 +193,7 @@ def main():
     preflight(cfg.out_dir, {"--sft": cfg.sft, "--rm": cfg.rm, "--prompts": cfg.prompts, "--ptx-data": cfg.ptx_data},
               cfg.resume)
     set_seed(cfg.seed)
-    log = RunLog(cfg.out_dir, enabled=d.master)
+    log = RunLog(cfg.out_dir, enabled=d.master, resume=cfg.resume)
     # the same sampling generator on every process: generate() draws the noise of the whole global batch and
     # each process uses its rows, so N processes sample exactly what one would
     sample_gen = torch.Generator(device=d.device if d.device_type == "cuda" else "cpu").manual_seed(cfg.seed)

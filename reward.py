@@ -178,7 +178,7 @@ def main():
     preflight(cfg.out_dir, {"--init": cfg.init if cfg.init not in GPT2_NAMES else None, "--data": cfg.data,
                             "--val-data": cfg.val_data, "--demo-data": cfg.demo_data}, cfg.resume)
     set_seed(cfg.seed)
-    log = RunLog(cfg.out_dir, enabled=d.master)
+    log = RunLog(cfg.out_dir, enabled=d.master, resume=cfg.resume)
 
     # -- model: the SFT trunk with a fresh scalar head (--resume: the interrupted run's RM)
     init = f"{cfg.out_dir}/ckpt.pt" if cfg.resume else cfg.init

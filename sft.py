@@ -150,7 +150,7 @@ def main():
                             "--sft-data": cfg.sft_data, "--val-sft-data": cfg.val_sft_data,
                             "--text-data": cfg.text_data, "--val-text-data": cfg.val_text_data}, cfg.resume)
     set_seed(cfg.seed)  # the same init on every rank
-    log = RunLog(cfg.out_dir, enabled=d.master)
+    log = RunLog(cfg.out_dir, enabled=d.master, resume=cfg.resume)
 
     # -- model (before the data: its tokenizer and context length decide how the data is encoded)
     init = f"{cfg.out_dir}/ckpt.pt" if cfg.resume else cfg.init  # --resume: the interrupted run's weights

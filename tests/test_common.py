@@ -1,5 +1,6 @@
 """Shared plumbing: config parsing, checkpoints that load without pickle and never hold NaNs."""
 import dataclasses
+import json
 import pickle
 
 import pytest
@@ -60,3 +61,12 @@ def test_non_finite_weights_are_never_saved(tmp_path):
         save_checkpoint(tmp_path / "ckpt.pt", model, DemoConfig(), tokenizer="byte")
     assert (tmp_path / "ckpt.pt").read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temporary file left behind
+
+
+def test_a_fresh_run_starts_a_fresh_log_and_a_resumed_one_keeps_it(tmp_path):
+    from common import RunLog
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0, "loss": 9.0}\n{"step": 1, "loss": 8.0}\n')
+    RunLog(tmp_path, resume=True).log(2, echo=False, loss=7.0)
+    assert [json.loads(l)["step"] for l in open(tmp_path / "metrics.jsonl")] == [0, 1, 2]
+    RunLog(tmp_path).log(0, echo=False, loss=1.0)
+    assert [json.loads(l)["loss"] for l in open(tmp_path / "metrics.jsonl")] == [1.0]
