@@ -114,8 +114,8 @@ else
   PRETRAIN=(--epochs 4 --batch-size 64 --micro-batch-size 64 --lr 2e-3 --warmup-iters 20)
   SFT=(--epochs 3 --batch-size 32 --micro-batch-size 32 --lr 1e-3)
   RANK_PROMPTS=()
-  RM=(--epochs 2 --batch-size 32 --micro-batch-size 16 --lr 3e-4 --eval-interval 1000)
-  PPO=()
+  RM=(--epochs 1.5 --batch-size 32 --micro-batch-size 16 --lr 3e-4 --eval-interval 1000)
+  PPO=(--total-episodes 2560 --kl-coef 0.3)  # 40 iterations; beta on the RM's normalised scale
   EVAL=()
 fi
 
@@ -154,12 +154,14 @@ stage "reward model" "$RUNS/rm/ckpt.pt" $LAUNCH reward.py --init "$RUNS/sft/ckpt
 stage ppo "$RUNS/ppo/ckpt.pt" $LAUNCH ppo.py --sft "$RUNS/sft/ckpt.pt" --rm "$RUNS/rm/ckpt.pt" \
   --prompts "$W/ppo_prompts.jsonl" --out-dir "$RUNS/ppo" --seed "$SEED" --dtype "$DTYPE" "${PPO[@]}" ${PPO_ARGS:-}
 stage ppo-ptx "$RUNS/ppo_ptx/ckpt.pt" $LAUNCH ppo.py --sft "$RUNS/sft/ckpt.pt" --rm "$RUNS/rm/ckpt.pt" \
-  --prompts "$W/ppo_prompts.jsonl" --ptx-data "$W/pretrain.txt" --ptx-coef "${PTX_COEF:-1.0}" \
+  --prompts "$W/ppo_prompts.jsonl" --ptx-data "$W/pretrain.txt" --ptx-coef "${PTX_COEF:-0.02}" \
   --out-dir "$RUNS/ppo_ptx" --seed "$SEED" --dtype "$DTYPE" "${PPO[@]}" ${PPO_ARGS:-}
 
 # Evaluation: held-out prompts, every model against SFT, judged by the world's gold judge.
+# No few-shot base model (base_prompted) here: the base model was pretrained on 128-token windows, and no
+# demonstration fits before a query in that context once 128 tokens are kept for the answer.
 stage evaluate "$RUNS/eval/report.json" $PY evaluate.py --prompts "$W/test_prompts.jsonl" \
-  --val-prompts "$W/val_prompts.jsonl" --base "$RUNS/base/ckpt.pt" --few-shot-data "$W/sft_train.jsonl" --sft "$RUNS/sft/ckpt.pt" --rm "$RUNS/rm/ckpt.pt" \
+  --val-prompts "$W/val_prompts.jsonl" --base "$RUNS/base/ckpt.pt" --sft "$RUNS/sft/ckpt.pt" --rm "$RUNS/rm/ckpt.pt" \
   --ppo "$RUNS/ppo/ckpt.pt" --ppo-ptx "$RUNS/ppo_ptx/ckpt.pt" --pretrain-val "$W/pretrain_val.txt" \
   --out-dir "$RUNS/eval" --seed "$SEED" "${EVAL[@]}"
 
