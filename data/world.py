@@ -8,7 +8,7 @@ parameter byte-level GPT to learn on a laptop CPU in minutes, rich enough that e
 - Demonstrators write mostly gold answers, with tunable flaws: wrong answers, hedging, filler, refusing
   benign requests, accepting false premises, complying with forbidden ones. SFT imitates the flaws too.
 - Labelers rank K = 4..9 responses per prompt (section 3.5) by a Plackett-Luce draw over the gold judge's
-  score (data/judge.py); the default noise makes two labelers agree on ~73% of pairs, as the paper's did.
+  score (data/judge.py); the default noise makes two labelers agree on ~71% of pairs (the paper: 72.6 +- 1.5%).
 
 Task families (each phrased by 3-5 templates; gold answers are terse, one style per family):
 
@@ -542,7 +542,7 @@ def candidates(task: Task, k: int, rng: random.Random) -> list[str]:
 
 
 # --- simulated labelers ---------------------------------------------------------------------------------
-# Plackett-Luce temperature on the judge's 0..1 scale. Calibrated so that two labelers agree on ~73% of
+# Plackett-Luce temperature on the judge's 0..1 scale. Calibrated so that two labelers agree on ~71-73% of
 # pairs of the default rankings data, the paper's inter-labeler agreement (section 5.1).
 LABELER_NOISE = 0.18
 
