@@ -34,9 +34,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (Dist, Interrupt, check_max_new_tokens, NonFiniteGuard, RunLog, cli, load_checkpoint, model_from_checkpoint, pad_left,
-                    parse_config, preflight, resume_training, save_checkpoint, set_seed, shuffled_indices,
-                    text_windows, training_state, warn_counts)
+from common import (Dist, Interrupt, NonFiniteGuard, RunLog, check_max_new_tokens, cli, load_checkpoint,
+                    model_from_checkpoint, pad_left, parse_config, preflight, resume_training, save_checkpoint,
+                    set_seed, shuffled_indices, text_windows, training_state, warn_counts)
 from data.formats import encode_chat, load_prompts, load_text, truncate_left
 from data.tokenizer import get_tokenizer
 from model import logprobs_from_logits
