@@ -8,12 +8,14 @@ import inspect
 import json
 import math
 import os
+import pickle
 import re
 import signal
 import sys
 import tempfile
 import time
 import typing
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -183,13 +185,34 @@ def save_checkpoint(path, model, config, tokenizer, **extra):
     atomic_save(ckpt, path)
 
 
-def load_checkpoint(path, map_location="cpu"):
-    """Load a checkpoint dict without unpickling code (weights_only=True). Says so when it is the periodic
-    save of a run that has not finished (stopped by Ctrl-C or a crash)."""
+HEADS = {"lm": "a policy (language-model head: base, SFT or PPO)", "scalar": "a reward or value model (scalar head)"}
+
+
+def load_checkpoint(path, kind=None, map_location="cpu"):
+    """Load a checkpoint dict without unpickling code (weights_only=True), or raise a one-line ValueError
+    that says what is wrong with the file: truncated or not a checkpoint, a pickle that would run code, a
+    checkpoint of another kind than `kind` ("lm" or "scalar"). Says so when it is the periodic save of a run
+    that has not finished (stopped by Ctrl-C or a crash)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found")
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of files it then refuses
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only load failed" in str(e).lower():  # torch's message suggests weights_only=False: never
+            raise ValueError(f"{path}: refusing to load: it contains code objects (a pickle that is not plain "
+                             "tensors); only load checkpoints this project saved") from None
+        raise ValueError(f"{path}: not a checkpoint this project can load (truncated or corrupt)") from None
+    except Exception:  # torch raises RuntimeError, EOFError, KeyError, ... for a cut or foreign file
+        raise ValueError(f"{path}: not a checkpoint this project can load (truncated or corrupt)") from None
+    if not isinstance(ckpt, dict) or not {"model", "model_config", "tokenizer"} <= ckpt.keys():
+        raise ValueError(f"{path}: not a checkpoint of this project (it holds no model weights with their "
+                         "config; sft.py, reward.py and ppo.py write those)")
+    head = ckpt["model_config"].get("head", "lm")
+    if kind is not None and head != kind:
+        raise ValueError(f"{path} is {HEADS.get(head, head)}, but {HEADS[kind]} is expected here")
     if ckpt.get("iter", 0) < ckpt.get("max_iters", 0):
         print(f"note: {path} is from an unfinished run (step {ckpt['iter']} of {ckpt['max_iters']}); "
               "its stage's --resume finishes it", file=sys.stderr)
@@ -205,11 +228,12 @@ def check_max_new_tokens(ckpt, max_new_tokens, path):
                          f"learnt ({longest} tokens with its end-of-text); raise it to at least {longest}")
 
 
-def load_model(init, head, dropout):
-    """(tokenizer name, model, checkpoint or None) from a checkpoint of this project (*.pt) or GPT-2
-    weights (a name such as gpt2, or a Hugging Face directory), with the given head."""
+def load_model(init, head, dropout, kind=None):
+    """(tokenizer name, model, checkpoint or None) from a checkpoint of this project (*.pt; of the head
+    `kind`, when given) or GPT-2 weights (a name such as gpt2, or a Hugging Face directory), with the given
+    head."""
     if init.endswith(".pt"):
-        ckpt = load_checkpoint(init)
+        ckpt = load_checkpoint(init, kind)
         return ckpt["tokenizer"], model_from_checkpoint(ckpt, head=head, dropout=dropout), ckpt
     return "gpt2", GPT.from_pretrained(init, head=head, dropout=dropout), None
 

@@ -480,9 +480,7 @@ def main():
     sft, tokenizer = load_policy(cfg.sft, device)
     if cfg.sft.endswith(".pt"):
         check_max_new_tokens(load_checkpoint(cfg.sft), cfg.max_new_tokens, cfg.sft)
-    rm_ckpt = load_checkpoint(cfg.rm)
-    if rm_ckpt["model_config"].get("head") != "scalar":
-        raise ValueError(f"--rm {cfg.rm} is not a reward model (its head is not scalar); pass reward.py's checkpoint")
+    rm_ckpt = load_checkpoint(cfg.rm, kind="scalar")
     rm = model_from_checkpoint(rm_ckpt).to(device).eval()
     if rm_ckpt["tokenizer"] != tokenizer:
         raise ValueError(f"--rm uses tokenizer {rm_ckpt['tokenizer']!r} but --sft uses {tokenizer!r}")

@@ -199,7 +199,7 @@ def main():
     sample_gen = torch.Generator(device=d.device if d.device_type == "cuda" else "cpu").manual_seed(cfg.seed)
 
     # -- models: policy and reference from SFT; the RM frozen; the value model from the RM
-    sft_ckpt, rm_ckpt = load_checkpoint(cfg.sft), load_checkpoint(cfg.rm)
+    sft_ckpt, rm_ckpt = load_checkpoint(cfg.sft, kind="lm"), load_checkpoint(cfg.rm, kind="scalar")
     if sft_ckpt["tokenizer"] != rm_ckpt["tokenizer"]:
         raise ValueError(f"{cfg.sft} uses tokenizer {sft_ckpt['tokenizer']} but {cfg.rm} uses {rm_ckpt['tokenizer']}")
     check_max_new_tokens(sft_ckpt, cfg.max_new_tokens, cfg.sft)

@@ -76,9 +76,7 @@ def load_policy(path, device):
     if not path.endswith(".pt"):
         tokenizer, model, _ = load_model(path, head="lm", dropout=0.0)
         return model.to(device).eval(), tokenizer
-    ckpt = load_checkpoint(path)
-    if ckpt["model_config"].get("head", "lm") != "lm":
-        raise ValueError(f"{path} is a reward-model checkpoint (scalar head); give a policy checkpoint here")
+    ckpt = load_checkpoint(path, kind="lm")
     return model_from_checkpoint(ckpt).to(device).eval(), ckpt["tokenizer"]
 
 

@@ -160,7 +160,7 @@ def main():
         model = GPT(GPTConfig(block_size=cfg.block_size or cfg.seq_len, vocab_size=tok.n_vocab, n_layer=cfg.n_layer,
                               n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout))
     else:
-        tokenizer, model, ckpt = load_model(init, "lm", cfg.dropout)
+        tokenizer, model, ckpt = load_model(init, "lm", cfg.dropout, kind="lm")
     tok = get_tokenizer(tokenizer)
     seq_len = min(cfg.seq_len, model.config.block_size)
     model.to(d.device)

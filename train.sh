@@ -34,9 +34,12 @@ fi
 W=$RUNS/world
 start=$(date +%s)
 
-finished() {  # a checkpoint saved mid-run (Ctrl-C, --save-interval) has iter < max_iters: not finished
-  [[ $1 != *.pt ]] && return 0
-  $PY -c "import sys, torch; c = torch.load(sys.argv[1], map_location='cpu', weights_only=True)
+finished() {  # a checkpoint saved mid-run (Ctrl-C, --save-interval) has iter < max_iters: not finished;
+  [[ $1 != *.pt ]] && return 0  # a truncated one (an interrupted copy) is not either
+  $PY -c "import contextlib, io, sys; from common import load_checkpoint
+try:
+    with contextlib.redirect_stderr(io.StringIO()): c = load_checkpoint(sys.argv[1])
+except ValueError as e: sys.exit(f'note: {e}: running its stage again')
 sys.exit(0 if c.get('iter') == c.get('max_iters', c.get('iter')) else 1)" "$1"
 }
 

@@ -10,7 +10,8 @@ just the human's message (exactly what the built-in world writes), a multi-turn 
 earlier "\\n\\nAssistant: ... \\n\\nHuman: ..." turns, and in both cases
 format_query(prompt) + " " + response reproduces the transcript.
 
-Files (JSONL is one JSON object per line; ".jsonl.gz" is read and written the same way):
+Files (JSONL is one JSON object per line; ".jsonl.gz" is read and written the same way; a ".json" or
+".json.gz" file holding one JSON array of the same objects, such as Alpaca's alpaca_data.json, is read too):
 
     pretraining text  .txt, or JSONL {"text": ...}                                 load_text
     demonstrations    {"prompt", "response"} or Alpaca {"instruction", "input", "output"}   load_sft
@@ -20,7 +21,8 @@ Files (JSONL is one JSON object per line; ".jsonl.gz" is read and written the sa
     prompts           {"prompt"}                                                    load_prompts
     samples           {"prompt", "responses": [strings]} (unranked model samples)   load_samples
 
-Loaders stop at the first bad line with DataError("{file}:{line}: {what is wrong}"). Blank lines are
+Loaders stop at the first bad line with DataError("{file}:{line}: {what is wrong}"); in a JSON array the
+line is where the record starts and the message names the record ("record 17: ..."). Blank lines are
 skipped, extra fields are ignored, and a file with no records is an error reported at line 0 (the file as
 a whole). Writers (and download) are atomic: a crash leaves either the old file or the complete new one.
 """
@@ -29,6 +31,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tempfile
 import urllib.request
 import zlib
@@ -109,11 +112,69 @@ def _is_jsonl(path: Path) -> bool:
     return path.name.endswith((".jsonl", ".jsonl.gz"))
 
 
+def _is_json_array(path: Path) -> bool:
+    return path.name.endswith((".json", ".json.gz"))
+
+
+_WHITESPACE = re.compile(r"[ \t\r\n]*")
+
+
+def _read_json_array(path: Path):
+    """Yield (line_number, object) for each element of a file holding one JSON array, the line being where
+    the element starts: the array is decoded element by element, so an error points into the file."""
+    with _open_bytes(path) as f:
+        try:
+            text = f.read().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(path, e.object[:e.start].count(b"\n") + 1, "not valid UTF-8") from None
+        except (EOFError, OSError, zlib.error) as e:
+            raise DataError(path, 0, f"cannot read the file ({e})") from None
+    decoder = json.JSONDecoder()
+    skip = lambda pos: _WHITESPACE.match(text, pos).end()  # noqa: E731
+    line, counted = 1, 0
+
+    def line_of(pos):  # positions only grow: count the newlines once
+        nonlocal line, counted
+        line, counted = line + text.count("\n", counted, pos), pos
+        return line
+
+    pos = skip(0)
+    if not text.startswith("[", pos):
+        raise DataError(path, line_of(pos), "expected a JSON array of records ([{...}, {...}])")
+    pos, index = skip(pos + 1), 0
+    while not (index == 0 and text.startswith("]", pos)):  # "[]" has no records
+        try:
+            obj, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise DataError(path, e.lineno, f"record {index}: invalid JSON ({e.msg} at column {e.colno})") from None
+        except RecursionError:
+            raise DataError(path, line_of(pos), f"record {index}: invalid JSON (nested too deeply)") from None
+        if not isinstance(obj, dict):
+            raise DataError(path, line_of(pos), f"record {index}: expected a JSON object, got {type(obj).__name__}")
+        yield line_of(pos), obj
+        pos, index = skip(end), index + 1
+        if text.startswith("]", pos):
+            break
+        if not text.startswith(",", pos):
+            raise DataError(path, line_of(pos), f"record {index - 1}: expected ',' or ']' after it")
+        pos = skip(pos + 1)
+    if skip(pos + 1) < len(text):
+        raise DataError(path, line_of(skip(pos + 1)), "unexpected text after the JSON array")
+
+
 def read_jsonl(path):
-    """Yield (line_number, object) for every non-blank line; DataError on bad UTF-8, bad JSON, non-objects."""
+    """Yield (line_number, object) for every non-blank line of a JSONL file, or every element of a .json
+    array; DataError on bad UTF-8, bad JSON, non-objects."""
     path = Path(path)
+    if _is_json_array(path):
+        n_records = 0
+        for n_records, item in enumerate(_read_json_array(path), start=1):
+            yield item
+        if n_records == 0:
+            raise DataError(path, 0, "the file has no records")
+        return
     if not _is_jsonl(path):
-        raise DataError(path, 0, "expected a .jsonl or .jsonl.gz file")
+        raise DataError(path, 0, "expected a .jsonl, .jsonl.gz or .json (one JSON array of records) file")
     n_records = 0
     with _open_bytes(path) as f:
         try:
@@ -141,13 +202,14 @@ def read_jsonl(path):
 
 
 def _load(path, parse) -> list:
-    """Parse every record of a JSONL file with parse(obj), which raises ValueError(what) on a bad one."""
-    out = []
-    for lineno, obj in read_jsonl(path):
+    """Parse every record of a JSONL file (or JSON array) with parse(obj), which raises ValueError(what) on a
+    bad one."""
+    out, array = [], _is_json_array(Path(path))
+    for index, (lineno, obj) in enumerate(read_jsonl(path)):
         try:
             out.append(parse(obj))
         except ValueError as e:
-            raise DataError(path, lineno, str(e)) from None
+            raise DataError(path, lineno, f"record {index}: {e}" if array else str(e)) from None
     return out
 
 
@@ -254,8 +316,8 @@ def load_text(path) -> str:
         if not text.strip():
             raise DataError(path, 0, "the file is empty")
         return text
-    if not _is_jsonl(path):
-        raise DataError(path, 0, "expected a .txt, .txt.gz, .jsonl or .jsonl.gz file")
+    if not (_is_jsonl(path) or _is_json_array(path)):
+        raise DataError(path, 0, "expected a .txt, .txt.gz, .jsonl, .jsonl.gz or .json file")
     return "\n\n".join(_load(path, lambda obj: _text(obj, "text")))
 
 

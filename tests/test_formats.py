@@ -2,6 +2,7 @@
 import gzip
 import json
 import os
+import re
 
 import pytest
 
@@ -137,6 +138,32 @@ def test_alpaca_and_plain_demonstrations(tmp_path):
         {"prompt": "Say hi.", "response": "Hi."},
         {"prompt": "p", "response": "r"},
     ]
+
+
+def test_json_array_loads_like_jsonl_with_located_errors(tmp_path):
+    """Alpaca's alpaca_data.json is one indented JSON array: it loads as the same records as JSONL, and a bad
+    record is reported at the line where it starts, with its index."""
+    records = [{"instruction": f"Say {w}.", "input": "" if i % 2 else "Loudly.", "output": w.title()}
+               for i, w in enumerate(["hi", "bye", "yes", "no"])]
+    write_jsonl(tmp_path / "a.jsonl", records)
+    (tmp_path / "alpaca_data.json").write_text(json.dumps(records, indent=4))
+    write_text(tmp_path / "a.json.gz", json.dumps(records))
+    expected = load_sft(tmp_path / "a.jsonl")
+    assert load_sft(tmp_path / "alpaca_data.json") == expected == load_sft(tmp_path / "a.json.gz")
+
+    records[2]["output"] = 7  # record 2 starts on line 12 of the indented file: 5 lines per record after "["
+    (tmp_path / "bad.json").write_text(json.dumps(records, indent=4))
+    with pytest.raises(DataError, match=r"bad.json:12: record 2: field 'output' must be a string, got int$"):
+        load_sft(tmp_path / "bad.json")
+    cases = {'[{"prompt": "a"},\n 3]': ":2: record 1: expected a JSON object, got int",
+             '[{"prompt": "a"} {"prompt": "b"}]': ":1: record 0: expected ',' or ']' after it",
+             '[{"prompt": "a"},\n{"prompt": ]': ":2: record 1: invalid JSON",
+             '{"prompt": "a"}': ":1: expected a JSON array", "[ ]": ":0: the file has no records",
+             '[{"prompt": "a"}]\n]': ":2: unexpected text after the JSON array"}
+    for text, words in cases.items():
+        (tmp_path / "p.json").write_text(text)
+        with pytest.raises(DataError, match=re.escape(words)):
+            load_prompts(tmp_path / "p.json")
 
 
 def test_load_text_from_txt_and_jsonl(tmp_path):

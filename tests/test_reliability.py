@@ -7,11 +7,13 @@ import gzip
 import json
 import multiprocessing
 import os
+import pickle
 import random
 import signal
 import subprocess
 import sys
 import time
+import zipfile
 import zlib
 from pathlib import Path
 
@@ -265,6 +267,55 @@ def test_every_torch_load_uses_weights_only():
     assert calls >= 1
 
 
+class Exploit:
+    def __reduce__(self):
+        return (exec, ("open('PWNED', 'w').write('x')",))
+
+
+def run_cli(script, argv, monkeypatch, capsys):
+    """(exit code, stderr) of a script's main() run in this process through common.cli: fast, for the
+    error paths that end before any work."""
+    import importlib
+    from common import cli
+    monkeypatch.setattr(sys, "argv", [script, *map(str, argv)])
+    with pytest.raises(SystemExit) as e:
+        cli(importlib.import_module(script.removesuffix(".py")).main)
+    return e.value.code, capsys.readouterr().err
+
+
+def test_bad_checkpoints_are_one_line_and_exit_code_2(tmp_path, monkeypatch, capsys):
+    """Truncated, crafted, foreign and wrong-kind checkpoints, given to each script: one line, exit code 2, no
+    advice to turn weights_only off, no code run."""
+    monkeypatch.chdir(tmp_path)
+    write_tiny_data(tmp_path)
+    write_tiny_policy_and_rm(tmp_path)
+    good = (tmp_path / "sft.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(good[:len(good) // 2])  # an interrupted copy
+    with open(tmp_path / "evil.pt", "wb") as f:
+        pickle.dump({"model": Exploit()}, f, protocol=2)
+    torch.save({"model": Exploit()}, tmp_path / "evil_zip.pt")  # the same inside torch's zip format
+    with zipfile.ZipFile(tmp_path / "other.pt", "w") as z:
+        z.writestr("archive/notes.txt", "a zip, but not a checkpoint")
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "tensors.pt")
+    corrupt, code = "not a checkpoint this project can load (truncated or corrupt)", "refusing to load: it contains code"
+    cases = [  # script, arguments, words the message must contain
+        ("sample.py", ["--ckpt", "cut.pt", "--prompt", "hi"], f"cut.pt: {corrupt}"),
+        ("sft.py", ["--init", "cut.pt", "--text-data", "text.txt"], f"cut.pt: {corrupt}"),
+        ("ppo.py", [*PPO_TINY, "--rm", "evil.pt"], f"evil.pt: {code}"),
+        ("evaluate.py", ["--sft", "evil_zip.pt", "--rm", "rm.pt", "--prompts", "prompts.jsonl"], f"evil_zip.pt: {code}"),
+        ("reward.py", ["--init", "other.pt", "--data", "rank.jsonl"], f"other.pt: {corrupt}"),
+        ("sample.py", ["--ckpt", "tensors.pt", "--prompt", "hi"], "tensors.pt: not a checkpoint of this project"),
+        ("sample.py", ["--ckpt", "rm.pt", "--prompt", "hi"], "rm.pt is a reward or value model (scalar head), but a policy"),
+        ("ppo.py", [*PPO_TINY, "--rm", "sft.pt"], "sft.pt is a policy (language-model head: base, SFT or PPO), but a reward"),
+        ("evaluate.py", ["--sft", "sft.pt", "--rm", "sft.pt", "--prompts", "prompts.jsonl"], "but a reward or value model"),
+    ]
+    for script, argv, words in cases:
+        exit_code, err = run_cli(script, argv, monkeypatch, capsys)
+        assert exit_code == 2 and err.count("\n") == 1 and err.startswith("error: ") and words in err, (script, err)
+        assert "weights_only" not in err
+    assert not (tmp_path / "PWNED").exists()
+
+
 def test_training_state_loads_without_pickle(tmp_path):
     """What --resume saves (optimiser moments, RNG states of torch, Python, NumPy, generators) is plain data."""
     from common import training_state
@@ -300,11 +351,12 @@ SETTINGS = dict(max_examples=150, deadline=None, derandomize=True, database=None
 
 
 @settings(**SETTINGS)
-@given(data=st.binary(max_size=300), ext=st.sampled_from([".jsonl", ".txt"]))
+@given(data=st.binary(max_size=300), ext=st.sampled_from([".jsonl", ".txt", ".json"]))
 @example(data=b"", ext=".jsonl")
 @example(data=b" \n\n\t\n", ext=".jsonl")
 @example(data=b"\xff\xfe{}", ext=".txt")
 @example(data=b'{"prompt": "a\x00b"}\n', ext=".jsonl")
+@example(data=b'[{"prompt": "a"}, [], 1]', ext=".json")
 def test_loaders_on_random_bytes(tmp_path, data, ext):
     path = tmp_path / f"f{ext}"
     path.write_bytes(data)
@@ -317,6 +369,9 @@ def test_loaders_on_random_bytes(tmp_path, data, ext):
 def test_loaders_on_wrong_json_types(tmp_path, records):
     path = tmp_path / "f.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    check_loaders(path)
+    path = tmp_path / "f.json"  # the same records as one JSON array
+    path.write_text(json.dumps(records, indent=1))
     check_loaders(path)
 
 
@@ -350,11 +405,12 @@ def test_very_long_lines(tmp_path):
 
 @pytest.mark.parametrize("name,data", [
     ("nested.jsonl", b"[" * 100_000 + b"]" * 100_000 + b"\n"),
+    ("nested.json", b"[" * 100_000 + b"]" * 100_000),
     ("corrupt.jsonl.gz", bytes(b ^ 0xFF if i == 10 else b  # one flipped byte in the deflate stream
                                for i, b in enumerate(gzip.compress(b'{"prompt": "p", "response": "r"}\n' * 200)))),
     ("truncated.txt.gz", gzip.compress(b"some text " * 200)[:-12]),
     ("notgzip.txt.gz", b"plain text, not gzip"),
-], ids=["nested", "corrupt-gz", "truncated-gz", "not-gz"])
+], ids=["nested", "nested-array", "corrupt-gz", "truncated-gz", "not-gz"])
 def test_loaders_on_corrupt_compressed_and_deeply_nested_files(tmp_path, name, data):
     path = tmp_path / name
     path.write_bytes(data)
