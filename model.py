@@ -207,7 +207,7 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, attention_mask=None,
                  eos_token_id=None, pad_token_id=None, return_logprobs=False, use_cache=True, generator=None,
-                 rows=None):
+                 rows=None, streamer=None):
         """Continue each row of idx (B, T), left-padded with attention_mask where prompts differ in length.
         Returns (B, T + n) tokens, n <= max_new_tokens (it stops early once every row has emitted
         eos_token_id; finished rows are padded with pad_token_id). With return_logprobs, also (B, n)
@@ -215,7 +215,8 @@ class GPT(nn.Module):
         (what a forward pass at that temperature recomputes); 0 at padded steps. temperature 0 is greedy.
         rows = (row_ids (B,), n_rows): this batch is the rows row_ids of a batch of n_rows split over processes;
         each step draws the random numbers of all n_rows rows from `generator` and uses its own, so every row
-        samples exactly what it would in the whole batch on one process."""
+        samples exactly what it would in the whole batch on one process. streamer, when given, is called
+        after each step with the (B,) tokens just sampled (pad for finished rows): chat.py prints them."""
         B, T = idx.shape
         assert T + max_new_tokens <= self.config.block_size, "prompt + max_new_tokens > block_size"
         mask = attention_mask if attention_mask is not None else torch.ones_like(idx)
@@ -256,6 +257,8 @@ class GPT(nn.Module):
                 logp = logprobs_from_logits(logits, next_tok) if return_logprobs else None
             next_tok = torch.where(done, torch.full_like(next_tok, pad), next_tok)
             out[live, T + t] = next_tok
+            if streamer is not None:
+                streamer(out[:, T + t])
             if return_logprobs:
                 logps[live, t] = logp.masked_fill(done, 0.0)
             n = t + 1
