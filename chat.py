@@ -11,8 +11,8 @@ data/formats.py), with the earlier turns in front: when the conversation no long
 loses tokens on the left, as in training. With two models each keeps its own conversation (its own answers)
 and samples with its own generator seeded by --seed, so two identical checkpoints answer identically.
 The built-in world's models were trained on single-turn prompts only: talk to them with --no-history;
-multi-turn talk is for GPT-2-based runs (train.sh hh). Type /reset to forget the conversation; Ctrl-D or Ctrl-C at the prompt quits, Ctrl-C
-during an answer stops that answer.
+multi-turn talk is for GPT-2-based runs (train.sh hh). Type /reset to forget the conversation; Ctrl-D or
+Ctrl-C at the prompt quits, Ctrl-C during an answer stops that answer.
 """
 import codecs
 import sys
