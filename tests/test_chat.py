@@ -39,20 +39,23 @@ def write_tiny_policy(path):
     save_checkpoint(path, model, {}, tokenizer="byte")
 
 
-@pytest.mark.parametrize("history", [True, False])
-def test_streamed_chat_equals_generation_with_the_same_seed(tmp_path, history):
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+@pytest.mark.parametrize("history,device", [(True, "cpu"), (False, "cpu"), pytest.param(True, "cuda", marks=CUDA)])
+def test_streamed_chat_equals_generation_with_the_same_seed(tmp_path, history, device):
     write_tiny_policy(tmp_path / "sft.pt")
     prompts = ["Reverse the word stone.", "And apple?"]
     stdout = chat(["--ckpt", "sft.pt", "--max-new-tokens", "16", "--temperature", "0.9", "--top-k", "50",
-                   "--seed", "3", "--device", "cpu", "--history" if history else "--no-history"],
+                   "--seed", "3", "--device", device, "--history" if history else "--no-history"],
                   "\n".join(prompts) + "\n", tmp_path)
 
     # the same two turns, generated without streaming: the second query holds the first turn in the template
-    model, tok = model_from_checkpoint(load_checkpoint(tmp_path / "sft.pt")).eval(), get_tokenizer("byte")
-    generator, transcript, expected = torch.Generator().manual_seed(3), "", []
+    model, tok = model_from_checkpoint(load_checkpoint(tmp_path / "sft.pt")).to(device).eval(), get_tokenizer("byte")
+    generator, transcript, expected = torch.Generator(device).manual_seed(3), "", []
     for prompt in prompts:
         transcript = (transcript if history else "") + f"{HUMAN}{prompt}{ASSISTANT}"
-        idx = torch.tensor([tok.encode(transcript)])
+        idx = torch.tensor([tok.encode(transcript)], device=device)
         assert idx.size(1) <= 128 - 16  # it fits: no turn dropped
         out = model.generate(idx, 16, temperature=0.9, top_k=50, eos_token_id=tok.eot_token,
                              pad_token_id=tok.pad_token, generator=generator)[0, idx.size(1):].tolist()
