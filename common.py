@@ -40,7 +40,9 @@ def _field_comments(cls):
     return comments
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line and exit code 2, like every other error of the project."""
+
     def error(self, message):  # one line and exit code 2, without argparse's full usage text
         self.exit(2, f"error: {message} (see --help)\n")
 
@@ -48,7 +50,7 @@ class _Parser(argparse.ArgumentParser):
 def parse_config(cls, argv=None):
     """Build the stage's config dataclass from the command line; `--help` lists every field and default."""
     doc = (sys.modules[cls.__module__].__doc__ or "").strip()
-    parser = _Parser(description=doc.split("\n")[0] if doc else None,
+    parser = Parser(description=doc.split("\n")[0] if doc else None,
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     comments = _field_comments(cls)
     hints = typing.get_type_hints(cls)

@@ -221,7 +221,7 @@ def main():
                             **extra, **training_state(d, [optimizer]))
 
     # -- training loop: whole prompts per batch element, never shuffled-apart pairs (Ctrl-C: see common.py)
-    t_last = time.time()
+    t_last, it_last = time.time(), start - 1  # time and step of the last log line
     interrupt, guard = Interrupt(d), NonFiniteGuard(cfg.max_bad_steps, d)
     for it in tqdm(interrupt.steps(start, max_iters), total=max_iters, initial=start, desc="reward model",
                    disable=not d.master):
@@ -248,8 +248,8 @@ def main():
         optimizer.zero_grad(set_to_none=True)
 
         if it % cfg.log_interval == 0 or it == max_iters - 1:
-            dt = (time.time() - t_last) / (cfg.log_interval if it else 1)
-            t_last = time.time()
+            dt = (time.time() - t_last) / (it - it_last)  # per step since the last log line
+            t_last, it_last = time.time(), it
             log.log(it, loss=d.all_reduce_mean(loss_sum).item() * d.world_size, accuracy=acc_sum / accum, lr=lr,
                     ms=dt * 1000, **guard.stats())
         if val and d.master and (it % cfg.eval_interval == 0 or it == max_iters - 1):

@@ -201,7 +201,7 @@ def main():
                             **longest, **training_state(d, [optimizer]))
 
     # -- training loop (Ctrl-C ends it after the current step; a NaN/inf step is skipped)
-    t_last = time.time()
+    t_last, it_last = time.time(), start - 1  # time and step of the last log line
     interrupt, guard = Interrupt(d), NonFiniteGuard(cfg.max_bad_steps, d)
     for it in tqdm(interrupt.steps(start, max_iters), total=max_iters, initial=start,
                    desc="sft" if cfg.sft_data else "pretrain", disable=not d.master):
@@ -231,8 +231,8 @@ def main():
 
         if it % cfg.log_interval == 0 or it == max_iters - 1:
             loss = d.all_reduce_mean(loss_sum).item() * d.world_size
-            dt = (time.time() - t_last) / (cfg.log_interval if it else 1)
-            t_last = time.time()
+            dt = (time.time() - t_last) / (it - it_last)  # per step since the last log line
+            t_last, it_last = time.time(), it
             log.log(it, loss=loss, lr=lr, ms=dt * 1000, tokens_per_s=sum(len(ids) - 1 for ids, _ in batch) / dt,
                     **guard.stats())
         if d.master and (val_sft or val_text) and (it % cfg.eval_interval == 0 or it == max_iters - 1):

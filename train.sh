@@ -90,6 +90,7 @@ if [[ $MODE == hh ]]; then
   # a few held-out prompts, SFT's and PPO-ptx's responses side by side
   $PY sample.py --ckpt "$H/sft/ckpt.pt" --ckpt "$H/ppo_ptx/ckpt.pt" --prompts "$H/data/test_prompts.jsonl" \
     --seed "$SEED" "${SIDE[@]}" > "$H/eval/side_by_side.txt"
+  $PY plot.py "$H" > /dev/null  # training curves next to each stage's metrics.jsonl
   cat "$H/eval/side_by_side.txt" "$H/eval/report.md"
   echo "== HH pipeline done in $(( $(date +%s) - start ))s: $H/eval/report.json, report.md, side_by_side.txt"
   exit 0
@@ -168,5 +169,7 @@ stage evaluate "$RUNS/eval/report.json" $PY evaluate.py --prompts "$W/test_promp
   --ppo "$RUNS/ppo/ckpt.pt" --ppo-ptx "$RUNS/ppo_ptx/ckpt.pt" --pretrain-val "$W/pretrain_val.txt" \
   --out-dir "$RUNS/eval" --seed "$SEED" "${EVAL[@]}"
 
+# Training curves: curves.txt (and curves.png, with matplotlib) next to each stage's metrics.jsonl
+$PY plot.py "$RUNS" > /dev/null
 [[ -f $RUNS/eval/report.md ]] && cat "$RUNS/eval/report.md"
-echo "== pipeline done in $(( $(date +%s) - start ))s: $RUNS/eval/report.json, $RUNS/eval/report.md and the plot in $RUNS/eval/"
+echo "== pipeline done in $(( $(date +%s) - start ))s: $RUNS/eval/report.json, $RUNS/eval/report.md and the plot in $RUNS/eval/; training curves in $RUNS/*/curves.txt (.png)"

@@ -345,8 +345,8 @@ _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
 
-def _write_atomic(path, data: bytes) -> None:
-    """Write to a temporary file next to path, fsync it, then rename it over path (atomic on POSIX/NTFS)."""
+def write_bytes(path, data: bytes) -> None:
+    """Write bytes to a temporary file next to path, fsync it, then rename it over path (atomic on POSIX/NTFS)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -375,12 +375,12 @@ def _maybe_gzip(path, data: bytes) -> bytes:
 def write_jsonl(path, records) -> None:
     """One JSON object per line, UTF-8, gzipped when path ends in .gz; atomic."""
     lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in records]
-    _write_atomic(path, _maybe_gzip(path, "".join(lines).encode("utf-8")))
+    write_bytes(path, _maybe_gzip(path, "".join(lines).encode("utf-8")))
 
 
 def write_text(path, text: str) -> None:
     """UTF-8 text, gzipped when path ends in .gz; atomic."""
-    _write_atomic(path, _maybe_gzip(path, text.encode("utf-8")))
+    write_bytes(path, _maybe_gzip(path, text.encode("utf-8")))
 
 
 def download(url: str, dest) -> Path:

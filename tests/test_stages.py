@@ -154,6 +154,8 @@ def test_quick_pipeline_end_to_end(tmp_path):
     assert list(report["models"]) == [m for m in MODELS if m != "base_prompted"]  # no few-shot base in train.sh
     for m in report["models"].values():
         assert math.isfinite(m["win_rate_vs_sft"]) and len(m["win_rate_ci"]) == 2 and math.isfinite(m["kl_vs_sft"])
+    for stage in ("base", "sft", "rm", "ppo", "ppo_ptx"):  # the training curves of every stage
+        assert (tmp_path / stage / "curves.txt").read_text().count("\n") > 5
     # a second run skips every finished stage
     again = subprocess.run(["bash", str(ROOT / "train.sh")], env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and again.stdout.count("skipped") >= 10, again.stdout[-2000:]
