@@ -64,7 +64,7 @@ def save_forever(path, done):
     w = torch.zeros(512, 1024)  # 2 MiB: saving is almost all the loop's time, so kills land inside writes
     while True:
         i = done.value + 1
-        atomic_save({"i": i, "w": w.fill_(i)}, path)
+        atomic_save({"model": {}, "model_config": {}, "tokenizer": "byte", "i": i, "w": w.fill_(i)}, path)
         done.value = i
 
 
@@ -308,6 +308,8 @@ def test_bad_checkpoints_are_one_line_and_exit_code_2(tmp_path, monkeypatch, cap
         ("sample.py", ["--ckpt", "rm.pt", "--prompt", "hi"], "rm.pt is a reward or value model (scalar head), but a policy"),
         ("ppo.py", [*PPO_TINY, "--rm", "sft.pt"], "sft.pt is a policy (language-model head: base, SFT or PPO), but a reward"),
         ("evaluate.py", ["--sft", "sft.pt", "--rm", "sft.pt", "--prompts", "prompts.jsonl"], "but a reward or value model"),
+        ("chat.py", ["--ckpt", "rm.pt"], "rm.pt is a reward or value model (scalar head), but a policy"),
+        ("export.py", ["--ckpt", "cut.pt", "--out", "exported"], f"cut.pt: {corrupt}"),
     ]
     for script, argv, words in cases:
         exit_code, err = run_cli(script, argv, monkeypatch, capsys)
