@@ -59,7 +59,7 @@ class PPOConfig:
     ppo_epochs: int = 2  # passes over each batch of rollouts (paper 1)
     max_new_tokens: int = 128  # longest response (as sample.py and evaluate.py; at least the longest demonstration)
     temperature: float = 1.0  # sampling temperature; log-probs are recomputed at the same temperature
-    lr: float = 5e-5  # policy learning rate (constant after warmup, as the paper)
+    lr: float = 1e-5  # policy learning rate (constant after warmup, as the paper; 5e-5 drifts, see README)
     vf_lr: float = 1e-4  # value model learning rate
     warmup_iters: int = 10  # linear learning-rate warmup (paper: 10 iterations)
     kl_coef: float = 0.02  # beta: the per-token KL penalty to pi_SFT (paper 0.02)
