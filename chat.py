@@ -108,7 +108,7 @@ def main():
     paths = [p for p in cfg.ckpt.split(",") if p]
     convs, generators = [], []
     for name, path in zip(model_names(paths), paths):
-        model, tokenizer = load_policy(path, device)
+        model, tokenizer, _ = load_policy(path, device)
         room = model.config.block_size - cfg.max_new_tokens
         if room < 1:
             raise ValueError(f"--max-new-tokens {cfg.max_new_tokens} leaves no room for the prompt in {path}'s "

@@ -187,7 +187,8 @@ def save_checkpoint(path, model, config, tokenizer, **extra):
     atomic_save(ckpt, path)
 
 
-HEADS = {"lm": "a policy (language-model head: base, SFT or PPO)", "scalar": "a reward or value model (scalar head)"}
+HEADS = {"lm": "a policy (language-model head: base, SFT or PPO)",
+         "scalar": "a reward or value model (scalar head)"}
 
 
 def load_checkpoint(path, kind=None, map_location="cpu"):
@@ -202,12 +203,11 @@ def load_checkpoint(path, kind=None, map_location="cpu"):
         with warnings.catch_warnings():  # torch warns about the pickle protocol of files it then refuses
             warnings.simplefilter("ignore")
             ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "weights only load failed" in str(e).lower():  # torch's message suggests weights_only=False: never
+    except Exception as e:  # RuntimeError, EOFError, KeyError, ... for a cut or foreign file
+        # torch's own message for a pickle with code in it suggests weights_only=False: never say that
+        if isinstance(e, pickle.UnpicklingError) and "weights only load failed" in str(e).lower():
             raise ValueError(f"{path}: refusing to load: it contains code objects (a pickle that is not plain "
                              "tensors); only load checkpoints this project saved") from None
-        raise ValueError(f"{path}: not a checkpoint this project can load (truncated or corrupt)") from None
-    except Exception:  # torch raises RuntimeError, EOFError, KeyError, ... for a cut or foreign file
         raise ValueError(f"{path}: not a checkpoint this project can load (truncated or corrupt)") from None
     if not isinstance(ckpt, dict) or not {"model", "model_config", "tokenizer"} <= ckpt.keys():
         raise ValueError(f"{path}: not a checkpoint of this project (it holds no model weights with their "
@@ -223,8 +223,8 @@ def load_checkpoint(path, kind=None, map_location="cpu"):
 
 def check_max_new_tokens(ckpt, max_new_tokens, path):
     """Refuse a response budget shorter than the longest demonstration the policy was fine-tuned on: its
-    correct answers would be cut off mid-sentence and scored as unended."""
-    longest = ckpt.get("max_response_tokens", 0)
+    correct answers would be cut off mid-sentence and scored as unended. ckpt None (GPT-2 weights): no check."""
+    longest = ckpt.get("max_response_tokens", 0) if ckpt else 0
     if max_new_tokens < longest:
         raise ValueError(f"--max-new-tokens {max_new_tokens} is shorter than the longest demonstration {path} "
                          f"learnt ({longest} tokens with its end-of-text); raise it to at least {longest}")

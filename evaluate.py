@@ -199,7 +199,7 @@ def few_shot_contexts(tok, demos, queries, k, seed, max_len):
 
 def load_like(path, sft, tokenizer, device):
     """A policy checkpoint that shares the SFT model's tokenizer and fits its context."""
-    model, other = load_policy(path, device)
+    model, other, _ = load_policy(path, device)
     if other != tokenizer or model.config.block_size < sft.config.block_size:
         raise ValueError(f"{path} does not match --sft (tokenizer {other!r} vs {tokenizer!r}, block_size "
                          f"{model.config.block_size} vs {sft.config.block_size})")
@@ -477,9 +477,8 @@ def main():
     t_start = time.time()
 
     # -- models: the SFT reference and the RM stay loaded; the others are loaded in turn
-    sft, tokenizer = load_policy(cfg.sft, device)
-    if cfg.sft.endswith(".pt"):
-        check_max_new_tokens(load_checkpoint(cfg.sft), cfg.max_new_tokens, cfg.sft)
+    sft, tokenizer, sft_ckpt = load_policy(cfg.sft, device)
+    check_max_new_tokens(sft_ckpt, cfg.max_new_tokens, cfg.sft)
     rm_ckpt = load_checkpoint(cfg.rm, kind="scalar")
     rm = model_from_checkpoint(rm_ckpt).to(device).eval()
     if rm_ckpt["tokenizer"] != tokenizer:

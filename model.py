@@ -221,7 +221,8 @@ class GPT(nn.Module):
         assert T + max_new_tokens <= self.config.block_size, "prompt + max_new_tokens > block_size"
         mask = attention_mask if attention_mask is not None else torch.ones_like(idx)
         pad = pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else 0)
-        row_ids, n_rows = (rows[0].to(idx.device), rows[1]) if rows is not None else (torch.arange(B, device=idx.device), B)
+        row_ids, n_rows = rows if rows is not None else (torch.arange(B, device=idx.device), B)
+        row_ids = row_ids.to(idx.device)  # a caller's row ids may live on the CPU
         caches = None
         if use_cache:
             p = next(self.parameters())

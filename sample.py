@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from common import autodetect_device, check_max_new_tokens, cli, load_checkpoint, load_model, model_from_checkpoint, pad_left, parse_config
+from common import autodetect_device, check_max_new_tokens, cli, load_model, pad_left, parse_config
 from data.formats import encode_chat, load_prompts, truncate_left, write_jsonl
 from data.tokenizer import get_tokenizer
 
@@ -71,13 +71,10 @@ class CollectConfig:
 
 # --- helpers shared with evaluate.py -------------------------------------------------------------------------
 def load_policy(path, device):
-    """(model in eval mode on device, tokenizer name) of a language-model checkpoint (base, SFT or PPO) or
-    of GPT-2 weights (a name such as gpt2, or a Hugging Face directory)."""
-    if not path.endswith(".pt"):
-        tokenizer, model, _ = load_model(path, head="lm", dropout=0.0)
-        return model.to(device).eval(), tokenizer
-    ckpt = load_checkpoint(path, kind="lm")
-    return model_from_checkpoint(ckpt).to(device).eval(), ckpt["tokenizer"]
+    """(model in eval mode on device, tokenizer name, checkpoint dict) of a language-model checkpoint (base,
+    SFT or PPO), or of GPT-2 weights (a name such as gpt2, or a Hugging Face directory; checkpoint None)."""
+    tokenizer, model, ckpt = load_model(path, head="lm", dropout=0.0, kind="lm")
+    return model.to(device).eval(), tokenizer, ckpt
 
 
 def encode_queries(tok, prompts, max_len, prefix=()):
@@ -151,7 +148,7 @@ def compare(cfg):
     paths = [p for p in cfg.ckpt.split(",") if p]
     answers, tokenizers = {}, set()
     for name, path in zip(model_names(paths), paths):
-        model, tokenizer = load_policy(path, device)
+        model, tokenizer, _ = load_policy(path, device)
         tokenizers.add(tokenizer)
         tok = get_tokenizer(tokenizer)
         queries = encode_queries(tok, prompts, model.config.block_size - cfg.max_new_tokens)
@@ -171,9 +168,8 @@ def collect(cfg):
     device = autodetect_device() if cfg.device == "auto" else cfg.device
     prompts = load_prompts(cfg.prompts)
     prompts = prompts[:cfg.max_prompts] if cfg.max_prompts else prompts
-    model, tokenizer = load_policy(cfg.ckpt, device)
-    if cfg.ckpt.endswith(".pt"):
-        check_max_new_tokens(load_checkpoint(cfg.ckpt), cfg.max_new_tokens, cfg.ckpt)
+    model, tokenizer, ckpt = load_policy(cfg.ckpt, device)
+    check_max_new_tokens(ckpt, cfg.max_new_tokens, cfg.ckpt)
     tok = get_tokenizer(tokenizer)
     rng = random.Random(f"{cfg.seed}/k")
     ks = [rng.randint(cfg.k_min, cfg.k_max) for _ in prompts]  # K ~ uniform on [k_min, k_max] per prompt

@@ -108,6 +108,17 @@ def _open_bytes(path: Path):
     return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
 
 
+def _read_text(path: Path) -> str:
+    """The whole file as UTF-8 text (gunzipped for .gz); DataError at the line of the first bad byte."""
+    with _open_bytes(path) as f:
+        try:
+            return f.read().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(path, e.object[:e.start].count(b"\n") + 1, "not valid UTF-8") from None
+        except (EOFError, OSError, zlib.error) as e:
+            raise DataError(path, 0, f"cannot read the file ({e})") from None
+
+
 def _is_jsonl(path: Path) -> bool:
     return path.name.endswith((".jsonl", ".jsonl.gz"))
 
@@ -122,13 +133,7 @@ _WHITESPACE = re.compile(r"[ \t\r\n]*")
 def _read_json_array(path: Path):
     """Yield (line_number, object) for each element of a file holding one JSON array, the line being where
     the element starts: the array is decoded element by element, so an error points into the file."""
-    with _open_bytes(path) as f:
-        try:
-            text = f.read().decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise DataError(path, e.object[:e.start].count(b"\n") + 1, "not valid UTF-8") from None
-        except (EOFError, OSError, zlib.error) as e:
-            raise DataError(path, 0, f"cannot read the file ({e})") from None
+    text = _read_text(path)
     decoder = json.JSONDecoder()
     skip = lambda pos: _WHITESPACE.match(text, pos).end()  # noqa: E731
     line, counted = 1, 0
@@ -305,14 +310,7 @@ def load_text(path) -> str:
     """A plain-text corpus: a .txt file as is, or the "text" fields of a JSONL file joined by blank lines."""
     path = Path(path)
     if path.name.endswith((".txt", ".txt.gz")):
-        with _open_bytes(path) as f:
-            try:
-                text = f.read().decode("utf-8")
-            except UnicodeDecodeError as e:
-                line = e.object[:e.start].count(b"\n") + 1
-                raise DataError(path, line, "not valid UTF-8") from None
-            except (EOFError, OSError, zlib.error) as e:
-                raise DataError(path, 0, f"cannot read the file ({e})") from None
+        text = _read_text(path)
         if not text.strip():
             raise DataError(path, 0, "the file is empty")
         return text
