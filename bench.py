@@ -46,7 +46,8 @@ from pathlib import Path
 
 import torch
 
-from common import Dist, parse_config, save_checkpoint
+from common import Dist, save_checkpoint
+from config import parse_config
 from data.tokenizer import get_tokenizer
 from model import GPT, GPTConfig
 

@@ -20,10 +20,11 @@ from dataclasses import dataclass
 
 import torch
 
-from common import autodetect_device, cli, parse_config
+from common import autodetect_device
+from config import cli, join_repeated, parse_config
 from data.formats import ASSISTANT, HUMAN, encode_chat, truncate_left
 from data.tokenizer import get_tokenizer
-from sample import decode_response, join_repeated, load_policy, model_names
+from sampling import decode_response, load_policy, model_names
 
 
 @dataclass

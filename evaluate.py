@@ -67,13 +67,15 @@ from pathlib import Path
 
 import torch
 
-from common import autodetect_device, check_max_new_tokens, cli, load_checkpoint, model_from_checkpoint, pad_left, parse_config
-from data.formats import encode_chat, load_prompts, load_sft, load_text, truncate_left, write_jsonl, write_text
+from common import autodetect_device, check_max_new_tokens, load_checkpoint, model_from_checkpoint
+from config import cli, parse_config
+from data.batches import pad_left
+from data.formats import encode_chat, load_prompts, load_sft, load_text, write_jsonl, write_text
 from data.judge import assess, gold_score, judge_pair
 from data.tokenizer import get_tokenizer
 from data.world import FAMILIES, REFUSAL, gold_answer, is_false_premise, parse_prompt, wrong_answer
-from reward import UNENDED_SCORE, rm_scores, unended_rule
-from sample import decode_response, encode_queries, load_policy, make_generator, sample_responses
+from sampling import (UNENDED_SCORE, decode_response, encode_queries, load_policy, make_generator, sample_responses,
+                      score_responses, unended_rule)
 
 MODELS = ("base", "base_prompted", "constant", "family_constant", "sft_greedy", "sft", "ppo", "ppo_ptx",
           "best_of_n")  # the report's order
@@ -151,20 +153,6 @@ def response_logprobs(model, contexts, responses, temperature, batch_size):
 
 
 @torch.no_grad()
-def reward_scores(rm, queries, responses, batch_size):
-    """r(x, y) at each response's last token (its end-of-text when emitted), whether or not it ended."""
-    device = next(rm.parameters()).device
-    out = []
-    for i in range(0, len(queries), batch_size):
-        seqs = [truncate_left(q + r, rm.config.block_size)[0]
-                for q, r in zip(queries[i:i + batch_size], responses[i:i + batch_size])]
-        idx, mask = pad_left(seqs, 0)  # (B, T): every row's last token is in column T - 1
-        last = torch.full((idx.size(0),), idx.size(1) - 1, device=device)
-        out += rm_scores(rm, idx.to(device), last, mask.to(device)).float().cpu().tolist()
-    return out
-
-
-@torch.no_grad()
 def pretrain_loss(model, windows, batch_size):
     """Mean next-token cross-entropy over the held-out windows (every token counts); None without them."""
     if windows is None:
@@ -208,7 +196,7 @@ def load_like(path, sft, tokenizer, device):
 
 def scores_by_the_rule(rm, queries, responses, tok, cfg):
     """What PPO maximises: the RM's score, or --unended-score for a response that never ended."""
-    scores = torch.tensor(reward_scores(rm, queries, responses, cfg.batch_size))
+    scores = torch.tensor(score_responses(rm, queries, responses, cfg.batch_size))
     ended = torch.tensor([r[-1:] == [tok.eot_token] for r in responses])
     return unended_rule(scores, ended, cfg.unended_score).tolist()
 
@@ -284,7 +272,7 @@ def rm_checks(rm, prompts, tok, cfg):
     queries = encode_queries(tok, prompts, rm.config.block_size - cfg.max_new_tokens)
 
     def scores(texts):
-        return reward_scores(rm, queries, [encode_chat(tok, p, t)[1] for p, t in zip(prompts, texts)], cfg.batch_size)
+        return score_responses(rm, queries, [encode_chat(tok, p, t)[1] for p, t in zip(prompts, texts)], cfg.batch_size)
     s_gold, s_wrong, s_other = scores(golds), scores(wrong), scores(other)
     out = {}
     for check, s_alt in (("gold_over_wrong", s_wrong), ("gold_over_other_prompt", s_other)):
@@ -478,8 +466,8 @@ def main():
 
     # -- models: the SFT reference and the RM stay loaded; the others are loaded in turn
     sft, tokenizer, sft_ckpt = load_policy(cfg.sft, device)
-    check_max_new_tokens(sft_ckpt, cfg.max_new_tokens, cfg.sft)
     rm_ckpt = load_checkpoint(cfg.rm, kind="scalar")
+    check_max_new_tokens(sft_ckpt, cfg.max_new_tokens, cfg.sft)
     rm = model_from_checkpoint(rm_ckpt).to(device).eval()
     if rm_ckpt["tokenizer"] != tokenizer:
         raise ValueError(f"--rm uses tokenizer {rm_ckpt['tokenizer']!r} but --sft uses {tokenizer!r}")

@@ -1,7 +1,8 @@
 """Export a checkpoint of this project as a Hugging Face GPT-2 directory that `transformers` loads.
 
     python export.py --ckpt runs/ppo_ptx/ckpt.pt --out exported/ppo_ptx   # a policy (SFT, PPO): GPT2LMHeadModel
-    python export.py --ckpt runs/rm/ckpt.pt --out exported/rm             # a reward or value model: GPT2Model + head
+    python export.py --ckpt runs/rm/ckpt.pt --out exported/rm             # a reward model: GPT2Model + head
+    python export.py --ckpt runs/ppo/ckpt.pt --value-model --out exported/value   # PPO's value model, likewise
 
     from transformers import GPT2LMHeadModel
     model = GPT2LMHeadModel.from_pretrained("exported/ppo_ptx")           # the logits of model.py (tested)
@@ -27,9 +28,10 @@ from string import Template
 
 import torch
 
-from common import cli, load_checkpoint, model_from_checkpoint, parse_config
+from common import load_checkpoint, model_from_checkpoint
+from config import cli, parse_config
 from data.tokenizer import get_tokenizer
-from model import write_safetensors
+from weights import write_safetensors
 
 META = "instructgpt.json"  # marks a directory as an export: only such a directory is replaced
 CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # HF Conv1D: weight stored (in, out)
@@ -37,7 +39,8 @@ CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # HF Conv1D: 
 
 @dataclass
 class ExportConfig:
-    ckpt: str = "runs/ppo_ptx/ckpt.pt"  # checkpoint of any stage: sft, rm, ppo ckpt.pt, ppo value.pt
+    ckpt: str = "runs/ppo_ptx/ckpt.pt"  # checkpoint of any stage: base, sft, rm, ppo
+    value_model: bool = False  # export the value model of a PPO checkpoint instead of its policy
     out: str = "exported/ppo_ptx"  # output directory: new, empty, or a previous export (then replaced)
 
 
@@ -194,6 +197,10 @@ def main(argv=None):
     out = Path(cfg.out)
     check_out(out)
     ckpt = load_checkpoint(cfg.ckpt)
+    if cfg.value_model:  # PPO saves its value model (a scalar head on the RM's trunk) next to the policy
+        if "value_model" not in ckpt:
+            raise ValueError(f"--value-model: {cfg.ckpt} holds no value model (only ppo.py's checkpoints do)")
+        ckpt = {**ckpt, "model": ckpt["value_model"], "model_config": {**ckpt["model_config"], "head": "scalar"}}
     model = model_from_checkpoint(ckpt).eval()
     c, tokenizer = model.config, ckpt["tokenizer"]
     eot, pad = special_ids(tokenizer)

@@ -11,7 +11,6 @@ Attention is written out by hand (q @ k^T / sqrt(d), mask, softmax, @ v); torch.
 """
 import json
 import math
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+
+from weights import GPT2_NAMES, download_gpt2, read_safetensors
 
 
 @dataclass
@@ -31,6 +32,17 @@ class GPTConfig:
     dropout: float = 0.0  # the paper's SFT used residual dropout 0.2
     bias: bool = True  # biases in Linear and LayerNorm, as GPT-2
     head: str = "lm"  # "lm": next-token logits; "scalar": one number per position (reward / value model)
+
+
+# exercise: attention
+def attention(q, k, v, mask_bias, dropout):
+    """Scaled dot-product attention of every head at once (Vaswani et al. 2017):
+        y = dropout(softmax(q k^T / sqrt(hs) + mask_bias)) v
+    q (B, nh, T, hs), k and v (B, nh, Tk, hs); mask_bias (B, 1, T, Tk) is 0 where a query may see a key and
+    -inf where it may not (a future or padded key), broadcast over the heads. Returns (B, nh, T, hs)."""
+    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1))) + mask_bias  # (B, nh, T, Tk)
+    att = F.softmax(att, dim=-1)
+    return dropout(att) @ v
 
 
 class CausalSelfAttention(nn.Module):
@@ -52,12 +64,7 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         if kv_cache is not None:
             k, v = kv_cache.append(k, v)  # (B, nh, Tk, hs) with Tk = cached + T
-        # attention: softmax(q k^T / sqrt(hs) + mask_bias) v; mask_bias (B, 1, T, Tk) is 0 where a query
-        # may see a key and -inf where it may not (future or padded keys), broadcast over the heads
-        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs)) + mask_bias  # (B, nh, T, Tk)
-        att = F.softmax(att, dim=-1)
-        att = self.attn_dropout(att)
-        y = att @ v  # (B, nh, T, hs)
+        y = attention(q, k, v, mask_bias, self.attn_dropout)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
@@ -116,6 +123,20 @@ def logprobs_from_logits(logits, tokens):
     """log p(tokens) under softmax(logits): (B, T, V), (B, T) -> (B, T)."""
     logp = F.log_softmax(logits.float(), dim=-1)
     return torch.gather(logp, -1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def forward_response(model, seq, attn, n_query, temperature):
+    """Per response token: the log-probs under `model` and its logits, from one forward pass. Position
+    n_query - 1 + t predicts response token t."""
+    logits, _ = model(seq, attention_mask=attn)
+    logits = logits[:, n_query - 1:-1].float() / temperature  # (B, R, V)
+    return logprobs_from_logits(logits, seq[:, n_query:]), logits
+
+
+def value_of_response(value_model, seq, attn, n_query):
+    """V(state before response token t) for every t: the value head at position n_query - 1 + t."""
+    values, _ = value_model(seq, attention_mask=attn)
+    return values[:, n_query - 1:-1].float()  # (B, R)
 
 
 class GPT(nn.Module):
@@ -203,6 +224,12 @@ class GPT(nn.Module):
         tokens; divide by the sampling temperature, as the sampler did."""
         logits, _ = self(idx, attention_mask=attention_mask)
         return logprobs_from_logits(logits[:, :-1] / temperature, idx[:, 1:])
+
+    def score(self, idx, last, attention_mask=None):
+        """r_theta(x, y) of a reward model: the scalar head's output at each row's last real token, at index
+        last (B,); pass the attention mask when rows are left-padded. (B, T) -> (B,)."""
+        values, _ = self(idx, attention_mask=attention_mask)
+        return values[torch.arange(idx.size(0), device=idx.device), last]
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, attention_mask=None,
@@ -372,65 +399,3 @@ def peak_flops(device):
         if key in name:
             return flops
     return None
-
-
-# --- GPT-2 weights in the Hugging Face layout, read without pickle ----------------------------------------
-GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
-SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-                      "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
-
-
-def read_safetensors(path):
-    """The safetensors format: an 8-byte little-endian header length N, N bytes of JSON
-    {name: {dtype, shape, data_offsets: [begin, end]}}, then the raw little-endian tensor bytes."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-        buf = bytearray(Path(path).stat().st_size - 8 - n)  # writable, so torch.frombuffer can view it
-        f.readinto(buf)
-    tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        begin, end = info["data_offsets"]
-        dtype = SAFETENSORS_DTYPES[info["dtype"]]
-        t = torch.frombuffer(buf[begin:end], dtype=dtype) if end > begin else torch.empty(0, dtype=dtype)
-        tensors[name] = t.reshape(info["shape"]).clone().float() if dtype.is_floating_point else t.clone()
-    return tensors
-
-
-def write_safetensors(path, tensors):
-    """Write {name: tensor} in the safetensors format (used by tests and for exporting)."""
-    names = {v: k for k, v in SAFETENSORS_DTYPES.items()}
-    header, blobs, offset = {}, [], 0
-    for name, t in tensors.items():
-        raw = t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
-        blobs.append(raw)
-        offset += len(raw)
-    head = json.dumps(header).encode()
-    head += b" " * (-len(head) % 8)  # the format aligns the data to 8 bytes
-    Path(path).write_bytes(struct.pack("<Q", len(head)) + head + b"".join(blobs))
-
-
-def download_gpt2(name):
-    """Fetch config.json and model.safetensors of a GPT-2 size from the Hugging Face hub into the cache."""
-    import urllib.request
-    from tqdm import tqdm
-    from data.tokenizer import cache_dir
-    target = cache_dir() / "models" / name
-    target.mkdir(parents=True, exist_ok=True)
-    for fname in ("config.json", "model.safetensors"):
-        dest = target / fname
-        if dest.exists():
-            continue
-        url = f"https://huggingface.co/{name}/resolve/main/{fname}"
-        tmp = dest.with_suffix(".part")
-        with urllib.request.urlopen(url) as r, open(tmp, "wb") as f, \
-                tqdm(total=int(r.headers.get("Content-Length", 0)), unit="B", unit_scale=True, desc=f"{name}/{fname}") as bar:
-            while chunk := r.read(1 << 20):
-                f.write(chunk)
-                bar.update(len(chunk))
-        tmp.replace(dest)
-    return target
-

@@ -21,7 +21,7 @@ import math
 import sys
 from pathlib import Path
 
-from common import Parser, cli
+from config import Parser, cli
 from data.formats import write_bytes, write_text
 
 SPARKS = "▁▂▃▄▅▆▇█"

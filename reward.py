@@ -4,7 +4,7 @@ The RM is the SFT model with its unembedding replaced by a scalar head; r_theta(
 at the last token of the response (its end-of-text). Labelers ranked K = 4..9 responses per prompt, which
 gives C(K,2) comparisons; all of them form ONE batch element, so each response is forwarded once (K
 passes, not 2 * C(K,2)) and correlated comparisons do not overfit (section 3.5, appendix C.2). After
-training, a bias is added so that the demonstrations score 0 on average.
+training, the head is rescaled so that the demonstrations score 0 +- 1 (the paper adds a bias for mean 0).
 
     python reward.py --init runs/sft/ckpt.pt --data runs/world/rankings_train.jsonl \\
                      --val-data runs/world/rankings_val.jsonl --demo-data runs/world/sft_val.jsonl   # CPU
@@ -23,16 +23,18 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (Dist, Interrupt, NonFiniteGuard, RunLog, cli, cosine_lr, encode_example, load_model,
-                    pad_right, parse_config, preflight, resume_training, save_checkpoint,
-                    set_seed, shuffled_indices, training_state, warn_counts)
+from common import RunConfig, Dist, RunLog, cosine_lr, load_model, save_checkpoint, set_seed
+from config import cli, parse_config
+from data.batches import encode_example, pad_right, shuffled_indices, warn_counts
 from data.formats import load_rankings, load_sft
 from data.tokenizer import get_tokenizer
-from model import GPT2_NAMES
+from reliability import Interrupt, NonFiniteGuard, preflight, resume_training, training_state
+from sampling import score_responses
+from weights import GPT2_NAMES
 
 
 @dataclass
-class RewardConfig:
+class RewardConfig(RunConfig):
     out_dir: str = "runs/rm"  # where ckpt.pt and metrics.jsonl go
     init: str = "runs/sft/ckpt.pt"  # the SFT checkpoint (or a GPT-2 name / HF dir) whose trunk starts the RM
     data: str = "runs/world/rankings_train.jsonl"  # K-wise rankings JSONL (or pairwise / HH-RLHF)
@@ -53,14 +55,6 @@ class RewardConfig:
     dropout: float = 0.0  # dropout while training the RM
     eval_interval: int = 50  # steps between validation accuracies
     log_interval: int = 10  # steps between log lines
-    save_interval: int = 100  # steps between saves of the resumable training state to ckpt.pt; 0 = at the end only
-    resume: bool = False  # continue the interrupted run in out_dir from its ckpt.pt (weights, optimiser, step, RNGs)
-    max_bad_steps: int = 5  # NaN/inf steps (each skipped) in a row after which the run stops
-    device: str = "auto"  # auto, cpu, cuda, cuda:1, mps
-    dtype: str = "auto"  # matmul precision: bf16 (autocast), fp32, or auto = bf16 on CUDA, fp32 elsewhere
-    compile: bool = False  # torch.compile the model
-    grad_checkpointing: bool = False  # recompute activations in the backward pass: less memory, slower
-    seed: int = 0  # seed for the head's init and the data order
 
     def __post_init__(self):
         if self.batch_size % self.micro_batch_size:
@@ -75,6 +69,7 @@ def better_than(ranking, K):
     return place[:, None] < place[None, :]
 
 
+# exercise: ranking_loss
 def ranking_loss(rewards, better):
     """The paper's RM loss for each prompt, all its C(K,2) comparisons at once:
         loss = -1/C(K,2) * sum_{(y_w, y_l)} log sigmoid(r(x, y_w) - r(x, y_l))
@@ -82,25 +77,6 @@ def ranking_loss(rewards, better):
     diff = rewards[:, :, None] - rewards[:, None, :]  # (P, K, K): r_i - r_j
     pair_losses = -F.logsigmoid(diff) * better
     return pair_losses.sum(dim=(1, 2)) / better.sum(dim=(1, 2)).clamp(min=1)
-
-
-# The score of a response that never emitted end-of-text. The RM only ever sees text that ended, so its
-# output on a cut-off response is an untrained extrapolation (it can be high); ppo.py and evaluate.py both
-# replace it by this fixed value (as lm-human-preferences does for a missing end token), on the RM's
-# normalised scale (demonstrations: mean 0, standard deviation 1), so running out of tokens never pays.
-UNENDED_SCORE = -3.0
-
-
-def unended_rule(scores, ended, unended_score=UNENDED_SCORE):
-    """The score PPO maximises: r(x, y) where the response ended, unended_score where it did not."""
-    return torch.where(ended, scores, torch.full_like(scores, unended_score))
-
-
-def rm_scores(model, idx, last, attention_mask=None):
-    """r_theta(x, y): the scalar head's output at each row's last real token (index `last`); pass the
-    attention mask when rows are left-padded."""
-    values, _ = model(idx, attention_mask=attention_mask)
-    return values[torch.arange(idx.size(0), device=idx.device), last]  # (N,)
 
 
 def forward_prompts(model, prompts, device, rows_per_pass=32):
@@ -114,7 +90,8 @@ def forward_prompts(model, prompts, device, rows_per_pass=32):
     for j in range(0, len(seqs), rows_per_pass):
         rows = [seqs[i] for i in order[j:j + rows_per_pass]]
         idx = pad_right(rows, 0).to(device)  # (n, T): right padding, never seen by the real tokens
-        parts.append(rm_scores(model, idx, torch.tensor([len(s) - 1 for s in rows], device=device)))
+        values, _ = model(idx)  # through the DDP wrapper when training: GPT.score, written out
+        parts.append(values[torch.arange(idx.size(0), device=device), [len(s) - 1 for s in rows]])
     r = torch.empty(len(seqs), dtype=parts[0].dtype, device=device)
     r[torch.tensor(order, device=device)] = torch.cat(parts)  # (N,): back in the prompts' order
     Kmax = max(len(p["seqs"]) for p in prompts)
@@ -129,7 +106,7 @@ def forward_prompts(model, prompts, device, rows_per_pass=32):
     return rewards, better
 
 
-def evaluate(model, prompts, cfg, d):
+def validation_accuracy(model, prompts, cfg, d):
     """Pairwise accuracy on held-out rankings (overall and per K), the loss, and the score spread."""
     model.eval()
     correct, total, loss_sum = defaultdict(int), defaultdict(int), 0.0
@@ -155,21 +132,62 @@ def evaluate(model, prompts, cfg, d):
             "score_mean": s.mean().item(), "score_std": s.std().item()}
 
 
-def demo_scores(model, demos, cfg, d):
-    """r(x, y) of each demonstration (token ids of query + response + end-of-text)."""
+def encode_rankings(path, tok, seq_len):
+    """Each ranked prompt as {"seqs": its K responses encoded with the prompt, "ranking"}; a ranking with a
+    response that does not fit the context is dropped (counted)."""
+    records, stats, out = load_rankings(path), {}, []
+    for r in records:
+        seqs = [encode_example(tok, r["prompt"], resp, seq_len, stats) for resp in r["responses"]]
+        if all(seqs):
+            out.append({"seqs": [s for s, _ in seqs], "ranking": r["ranking"]})
+    warn_counts(path, stats, len(records))
+    return out
+
+
+def train_step(ddp_model, optimizer, guard, batch, it, cfg, d):
+    """One optimiser step on a global batch of ranked prompts: whole prompts per batch element, never
+    shuffled-apart pairs. Returns the batch's mean loss (over all processes) and its pairwise accuracy."""
+    mine = batch[d.rank::d.world_size]
+    accum = cfg.batch_size // (cfg.micro_batch_size * d.world_size)
+    loss_sum, acc_sum = torch.zeros((), device=d.device), 0.0
+    for micro in range(accum):
+        prompts = mine[micro * cfg.micro_batch_size:(micro + 1) * cfg.micro_batch_size]
+        if d.ddp:
+            ddp_model.require_backward_grad_sync = micro == accum - 1  # all-reduce once, on the last micro-batch
+        with d.autocast():
+            rewards, better = forward_prompts(ddp_model, prompts, d.device)
+        # mean over the global batch's prompts; x world_size undoes DDP's average over processes
+        loss = ranking_loss(rewards.float(), better).sum() / cfg.batch_size
+        (loss * d.world_size).backward()
+        loss_sum += loss.detach()
+        acc_sum += (((rewards[:, :, None] > rewards[:, None, :]) & better).sum() / better.sum()).item()
+    grad_norm = torch.nn.utils.clip_grad_norm_(ddp_model.parameters(), cfg.grad_clip or math.inf)  # inf: no clip
+    if guard.ok(it, loss_sum, grad_norm):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return d.all_reduce_mean(loss_sum).item() * d.world_size, acc_sum / accum
+
+
+@torch.no_grad()
+def normalise(model, tok, cfg, d, seq_len):
+    """Rescale the head so that the demonstrations score 0 on average (the paper's bias) with standard
+    deviation 1 (a gain, as lm-human-preferences normalises its RM): beta, the unended score and the value
+    model's targets then have a known size. Folded into the head: r' = (r - mean) / std."""
+    stats, records = {}, load_sft(cfg.demo_data)
+    demos = [e for r in records if (e := encode_example(tok, r["prompt"], r["response"], seq_len, stats))]
+    warn_counts(cfg.demo_data, stats, len(records))
     model.eval()
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(demos), cfg.micro_batch_size * 4):
-            seqs = demos[i:i + cfg.micro_batch_size * 4]
-            idx = pad_right(seqs, 0).to(d.device)
-            with d.autocast():
-                out.append(rm_scores(model, idx, torch.tensor([len(s) - 1 for s in seqs], device=d.device)).float())
-    return torch.cat(out)
+    with d.autocast():
+        r = torch.tensor(score_responses(model, [ids[:n] for ids, n in demos], [ids[n:] for ids, n in demos],
+                                         cfg.micro_batch_size * 4))
+    mean, std = r.mean().item(), r.std().item()
+    model.score_head.weight /= std
+    model.score_head.bias.sub_(mean).div_(std)
+    print(f"reward normalised: demonstrations scored {mean:+.3f} +- {std:.3f}, now 0 +- 1")
 
 
 def main():
-    # -- config and setup
+    # -- config, model (the SFT trunk with a fresh scalar head), data
     cfg = parse_config(RewardConfig)
     d = Dist(cfg.device, cfg.dtype)
     if cfg.batch_size % (cfg.micro_batch_size * d.world_size):
@@ -179,9 +197,7 @@ def main():
                             "--val-data": cfg.val_data, "--demo-data": cfg.demo_data}, cfg.resume)
     set_seed(cfg.seed)
     log = RunLog(cfg.out_dir, enabled=d.master, resume=cfg.resume)
-
-    # -- model: the SFT trunk with a fresh scalar head (--resume: the interrupted run's RM)
-    init = f"{cfg.out_dir}/ckpt.pt" if cfg.resume else cfg.init
+    init = f"{cfg.out_dir}/ckpt.pt" if cfg.resume else cfg.init  # --resume: the interrupted run's RM
     tokenizer, model, ckpt = load_model(init, "scalar", cfg.dropout)
     tok = get_tokenizer(tokenizer)
     seq_len = min(cfg.seq_len, model.config.block_size)
@@ -189,93 +205,50 @@ def main():
     model.gradient_checkpointing = cfg.grad_checkpointing
     if cfg.compile:
         model.compile()
-    raw_model = model
-    model = d.wrap(model)
-
-    # -- data: each prompt's K responses, encoded with the prompt in the chat template
-    def encode_rankings(path):
-        records, stats, out = load_rankings(path), {}, []
-        for r in records:
-            seqs = [encode_example(tok, r["prompt"], resp, seq_len, stats) for resp in r["responses"]]
-            if all(seqs):  # a response that does not fit drops its whole ranking (counted)
-                out.append({"seqs": [s for s, _ in seqs], "ranking": r["ranking"]})
-        warn_counts(path, stats, len(records))
-        return out
-    train = encode_rankings(cfg.data)
-    val = encode_rankings(cfg.val_data) if cfg.val_data else []
+    ddp_model = d.wrap(model)
+    train = encode_rankings(cfg.data, tok, seq_len)
+    val = encode_rankings(cfg.val_data, tok, seq_len) if cfg.val_data else []
     max_iters = cfg.max_iters or max(1, round(cfg.epochs * len(train) / cfg.batch_size))
     if d.master:
         ks = defaultdict(int)
         for p in train:
             ks[len(p["seqs"])] += 1
         print(f"RM: {len(train)} ranked prompts (K: {dict(sorted(ks.items()))}), {max_iters} steps, device {d.device}")
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), d.device_type)
 
-    # -- optimiser
-    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), d.device_type)
-    accum = cfg.batch_size // (cfg.micro_batch_size * d.world_size)
+    # -- plumbing (skip on a first read): --resume, periodic saves, Ctrl-C, non-finite steps; see reliability.py
     start = resume_training(ckpt, cfg, max_iters, d, log, [optimizer]) if cfg.resume else 0
 
-    def save(step, **extra):  # the weights and what --resume needs, every --save-interval steps and at the end
+    def save(step):  # the weights and what --resume needs, every --save-interval steps and at the end
         if d.master:
-            save_checkpoint(f"{cfg.out_dir}/ckpt.pt", raw_model, cfg, tokenizer, iter=step, max_iters=max_iters,
-                            **extra, **training_state(d, [optimizer]))
-
-    # -- training loop: whole prompts per batch element, never shuffled-apart pairs (Ctrl-C: see common.py)
-    t_last, it_last = time.time(), start - 1  # time and step of the last log line
+            save_checkpoint(f"{cfg.out_dir}/ckpt.pt", model, cfg, tokenizer, iter=step, max_iters=max_iters,
+                            **training_state(d, [optimizer]))
     interrupt, guard = Interrupt(d), NonFiniteGuard(cfg.max_bad_steps, d)
+    t_last, it_last = time.time(), start - 1  # time and step of the last log line
+
+    # -- training loop
     for it in tqdm(interrupt.steps(start, max_iters), total=max_iters, initial=start, desc="reward model",
                    disable=not d.master):
         lr = cosine_lr(it, max_iters, cfg.lr, cfg.lr * cfg.min_lr_ratio, cfg.warmup_iters)
         for group in optimizer.param_groups:
             group["lr"] = lr
         batch = [train[i] for i in shuffled_indices(len(train), it * cfg.batch_size, cfg.batch_size, cfg.seed)]
-        mine = batch[d.rank::d.world_size]
-        loss_sum, acc_sum = torch.zeros((), device=d.device), 0.0
-        for micro in range(accum):
-            prompts = mine[micro * cfg.micro_batch_size:(micro + 1) * cfg.micro_batch_size]
-            if d.ddp:
-                model.require_backward_grad_sync = micro == accum - 1
-            with d.autocast():
-                rewards, better = forward_prompts(model, prompts, d.device)
-            # mean over the global batch's prompts; x world_size undoes DDP's average over processes
-            loss = ranking_loss(rewards.float(), better).sum() / cfg.batch_size
-            (loss * d.world_size).backward()
-            loss_sum += loss.detach()
-            acc_sum += (((rewards[:, :, None] > rewards[:, None, :]) & better).sum() / better.sum()).item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)  # inf: no clip
-        if guard.ok(it, loss_sum, grad_norm):
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+        loss, accuracy = train_step(ddp_model, optimizer, guard, batch, it, cfg, d)
         if it % cfg.log_interval == 0 or it == max_iters - 1:
             dt = (time.time() - t_last) / (it - it_last)  # per step since the last log line
             t_last, it_last = time.time(), it
-            log.log(it, loss=d.all_reduce_mean(loss_sum).item() * d.world_size, accuracy=acc_sum / accum, lr=lr,
-                    ms=dt * 1000, **guard.stats())
+            log.log(it, loss=loss, accuracy=accuracy, lr=lr, ms=dt * 1000, **guard.stats())
         if val and d.master and (it % cfg.eval_interval == 0 or it == max_iters - 1):
-            log.log(it, **evaluate(raw_model, val, cfg, d))
+            log.log(it, **validation_accuracy(model, val, cfg, d))
         if cfg.save_interval and (it + 1) % cfg.save_interval == 0 and it + 1 < max_iters:
             save(it + 1)
     finished = interrupt.done == max_iters  # else stopped by Ctrl-C: save the state to resume, as it is
 
-    # -- normalise: demonstrations score 0 on average (the paper's bias) with standard deviation 1 (a gain,
-    # as lm-human-preferences normalises its RM): beta, the unended score and the value model's targets
-    # then have a known size. Folded into the head: r' = (r - mean) / std
+    # -- normalise the scale on the demonstrations, a last validation, save
     if cfg.demo_data and d.master and finished:
-        stats, records = {}, load_sft(cfg.demo_data)
-        demos = [e[0] for r in records if (e := encode_example(tok, r["prompt"], r["response"], seq_len, stats))]
-        warn_counts(cfg.demo_data, stats, len(records))
-        r = demo_scores(raw_model, demos, cfg, d)
-        mean, std = r.mean().item(), r.std().item()
-        with torch.no_grad():
-            raw_model.score_head.weight /= std
-            raw_model.score_head.bias.sub_(mean).div_(std)
-        print(f"reward normalised: demonstrations scored {mean:+.3f} +- {std:.3f}, now 0 +- 1")
-
-    # -- save
-    final = evaluate(raw_model, val, cfg, d) if val and finished and d.master else {}
-    if final:
-        log.log(max_iters, **final)
+        normalise(model, tok, cfg, d, seq_len)
+    if val and finished and d.master:
+        log.log(max_iters, **validation_accuracy(model, val, cfg, d))
     save(interrupt.done)
     if d.master:
         print(f"saved {cfg.out_dir}/ckpt.pt{d.peak_memory()}")

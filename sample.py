@@ -14,19 +14,17 @@ labelers rank K = 4..9 model outputs per prompt, section 3.5):
     python -m data.world rank --samples runs/samples_train.jsonl --out runs/rankings_sft.jsonl
 
 Any JSONL with a "prompt" field serves as --prompts (prompts, rankings, demonstrations). On a GPU add
---device cuda and a larger --batch-size. The helpers here (loading a policy, encoding queries, batched
-sampling, decoding) are also evaluate.py's.
+--device cuda and a larger --batch-size. Loading, encoding, sampling and decoding are sampling.py's.
 """
 import random
 import sys
 from dataclasses import dataclass
 
-import torch
-from tqdm import tqdm
-
-from common import autodetect_device, check_max_new_tokens, cli, load_model, pad_left, parse_config
-from data.formats import encode_chat, load_prompts, truncate_left, write_jsonl
+from common import autodetect_device, check_max_new_tokens
+from config import cli, join_repeated, parse_config
+from data.formats import load_prompts, write_jsonl
 from data.tokenizer import get_tokenizer
+from sampling import decode_response, encode_queries, load_policy, make_generator, model_names, sample_responses
 
 
 @dataclass
@@ -67,79 +65,6 @@ class CollectConfig:
             raise ValueError(f"need 1 <= --k-min <= --k-max, got {self.k_min}, {self.k_max}")
         if self.temperature <= 0:
             raise ValueError("--temperature must be > 0: greedy decoding gives K identical responses")
-
-
-# --- helpers shared with evaluate.py -------------------------------------------------------------------------
-def load_policy(path, device):
-    """(model in eval mode on device, tokenizer name, checkpoint dict) of a language-model checkpoint (base,
-    SFT or PPO), or of GPT-2 weights (a name such as gpt2, or a Hugging Face directory; checkpoint None)."""
-    tokenizer, model, ckpt = load_model(path, head="lm", dropout=0.0, kind="lm")
-    return model.to(device).eval(), tokenizer, ckpt
-
-
-def encode_queries(tok, prompts, max_len, prefix=()):
-    """Token ids of each prompt in the chat template, after an optional fixed prefix of ids, in at most
-    max_len tokens (the room left for the response). Over-long queries lose tokens on the left; a warning
-    counts them."""
-    out, cut = [], 0
-    for p in prompts:
-        ids, was_cut = truncate_left(list(prefix) + encode_chat(tok, p)[0], max_len)
-        out.append(ids)
-        cut += was_cut
-    if cut:
-        print(f"warning: {cut} of {len(prompts)} queries truncated on the left to fit {max_len} tokens",
-              file=sys.stderr)
-    return out
-
-
-@torch.no_grad()
-def sample_responses(model, contexts, tok, max_new_tokens, temperature, batch_size, generator, desc=None):
-    """One sampled response per context (a list of token ids), in batches of left-padded contexts.
-    A response is its tokens up to and including the first end-of-text, when one was emitted."""
-    device = next(model.parameters()).device
-    responses = []
-    for i in tqdm(range(0, len(contexts), batch_size), desc=desc, disable=desc is None, leave=False):
-        idx, mask = pad_left(contexts[i:i + batch_size], tok.pad_token)  # (B, T)
-        tokens = model.generate(idx.to(device), max_new_tokens, temperature=temperature,
-                                attention_mask=mask.to(device), eos_token_id=tok.eot_token,
-                                pad_token_id=tok.pad_token, generator=generator)
-        for row in tokens[:, idx.size(1):].tolist():
-            responses.append(row[:row.index(tok.eot_token) + 1] if tok.eot_token in row else row)
-    return responses
-
-
-def decode_response(tok, ids):
-    """The response text: the ids before end-of-text, without the template's leading space."""
-    if tok.eot_token in ids:
-        ids = ids[:ids.index(tok.eot_token)]
-    return tok.decode(ids).strip()
-
-
-def make_generator(device, seed):
-    return torch.Generator(device=device).manual_seed(seed)
-
-
-# --- the two jobs ----------------------------------------------------------------------------------------------
-def join_repeated(argv, flag):
-    """argparse keeps only the last of a repeated option: join every `flag X` (or `flag=X`) with commas."""
-    values, rest, i = [], [], 0
-    while i < len(argv):
-        if argv[i] == flag and i + 1 < len(argv):
-            values.append(argv[i + 1])
-            i += 2
-            continue
-        if argv[i].startswith(flag + "="):
-            values.append(argv[i][len(flag) + 1:])
-        else:
-            rest.append(argv[i])
-        i += 1
-    return rest + ([flag, ",".join(values)] if values else [])
-
-
-def model_names(paths):
-    """Short names for checkpoints: the directory name (runs/ppo/ckpt.pt -> ppo), the path when ambiguous."""
-    names = [p.rstrip("/").split("/")[-2] if "/" in p.rstrip("/") else p for p in paths]
-    return names if len(set(names)) == len(names) else list(paths)
 
 
 def compare(cfg):

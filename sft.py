@@ -22,16 +22,18 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from common import (Dist, Interrupt, NonFiniteGuard, RunLog, cli, cosine_lr, encode_example, load_model,
-                    pad_right, parse_config, preflight, resume_training, save_checkpoint,
-                    set_seed, shuffled_indices, text_windows, training_state, warn_counts)
+from common import RunConfig, Dist, RunLog, cosine_lr, load_model, save_checkpoint, set_seed
+from config import cli, parse_config
+from data.batches import encode_example, pad_right, shuffled_indices, text_windows, val_windows, warn_counts
 from data.formats import load_sft, load_text
 from data.tokenizer import get_tokenizer
-from model import GPT, GPTConfig, GPT2_NAMES
+from model import GPT, GPTConfig
+from weights import GPT2_NAMES
+from reliability import Interrupt, NonFiniteGuard, preflight, resume_training, training_state
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(RunConfig):
     out_dir: str = "runs/sft"  # where ckpt.pt and metrics.jsonl go
     init: str = "scratch"  # "scratch", a checkpoint of this project, a GPT-2 name (gpt2, gpt2-medium, ...) or HF dir
     sft_data: str | None = None  # demonstrations: JSONL {"prompt","response"} (or Alpaca); loss on responses only
@@ -60,14 +62,6 @@ class SFTConfig:
     eval_interval: int = 100  # steps between validation losses
     eval_batches: int = 20  # validation micro-batches per evaluation
     log_interval: int = 10  # steps between log lines
-    save_interval: int = 100  # steps between saves of the resumable training state to ckpt.pt; 0 = at the end only
-    resume: bool = False  # continue the interrupted run in out_dir from its ckpt.pt (weights, optimiser, step, RNGs)
-    max_bad_steps: int = 5  # NaN/inf steps (each skipped) in a row after which the run stops
-    device: str = "auto"  # auto, cpu, cuda, cuda:1, mps
-    dtype: str = "auto"  # matmul precision: bf16 (autocast), fp32, or auto = bf16 on CUDA, fp32 elsewhere
-    compile: bool = False  # torch.compile the model
-    grad_checkpointing: bool = False  # recompute activations in the backward pass: less memory, slower
-    seed: int = 0  # seed for init, data order and dropout
 
     def __post_init__(self):
         if not self.sft_data and not self.text_data:
@@ -108,39 +102,73 @@ class Batches:
         return batch
 
 
+# exercise: sft_loss_mask
+def loss_mask(targets, n_query):
+    """(B, T) True on the targets the SFT loss counts: the response and its end-of-text, i.e. target
+    positions >= n_query - 1 (position t predicts token t + 1), and never padding (target -1). Pretraining
+    text has n_query = 0: every token counts. targets (B, T), n_query (B,)."""
+    pos = torch.arange(targets.size(1)).unsqueeze(0)  # (1, T)
+    return (pos >= n_query.unsqueeze(1) - 1) & (targets >= 0)
+
+
 def collate(batch, device):
-    """Inputs x, targets y (-1 at padding) and the loss mask: 1 on the tokens that count, i.e. targets at
-    positions >= n_query - 1 (the response and its end-of-text; everything for pretraining text)."""
+    """Inputs x, targets y (-1 at padding) and the loss mask of a list of (ids, n_query) examples."""
     x = pad_right([ids[:-1] for ids, _ in batch], 0)
     y = pad_right([ids[1:] for ids, _ in batch], -1)
-    pos = torch.arange(y.size(1)).unsqueeze(0)  # (1, T)
-    n_query = torch.tensor([nq for _, nq in batch]).unsqueeze(1)  # (B, 1)
-    mask = (pos >= n_query - 1) & (y >= 0)  # (B, T)
+    mask = loss_mask(y, torch.tensor([nq for _, nq in batch]))
     return x.to(device), y.to(device), mask.to(device)
 
 
-def evaluate(model, examples, cfg, d):
+def encode_demonstrations(path, tok, seq_len):
+    """(ids, n_query) of each demonstration in the chat template, in at most seq_len + 1 tokens."""
+    records, stats = load_sft(path), {}
+    out = [e for r in records if (e := encode_example(tok, r["prompt"], r["response"], seq_len + 1, stats))]
+    warn_counts(path, stats, len(records))
+    return out
+
+
+def train_step(ddp_model, optimizer, guard, batch, it, cfg, d):
+    """One optimiser step on a global batch of (ids, n_query) examples; returns its loss per counted token
+    (over all processes). The loss is normalised by the counted tokens of the whole global batch, so that
+    it (and its gradient) is the same however the batch is split over micro-batches and processes."""
+    n_global = sum(len(ids) - max(n_query, 1) for ids, n_query in batch)
+    mine = batch[d.rank::d.world_size]
+    accum = cfg.batch_size // (cfg.micro_batch_size * d.world_size)
+    loss_sum = torch.zeros((), device=d.device)
+    for micro in range(accum):
+        x, y, mask = collate(mine[micro * cfg.micro_batch_size:(micro + 1) * cfg.micro_batch_size], d.device)
+        if d.ddp:
+            ddp_model.require_backward_grad_sync = micro == accum - 1  # all-reduce once, on the last micro-batch
+        with d.autocast():
+            _, loss = ddp_model(x, y, loss_mask=mask)
+        # DDP averages gradients over processes: scale by world_size to get a sum over the global batch
+        scaled = loss * mask.sum() / n_global
+        (scaled * d.world_size).backward()
+        loss_sum += scaled.detach()
+    grad_norm = torch.nn.utils.clip_grad_norm_(ddp_model.parameters(), cfg.grad_clip or math.inf)  # inf: no clip
+    if guard.ok(it, loss_sum, grad_norm):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return d.all_reduce_mean(loss_sum).item() * d.world_size
+
+
+@torch.no_grad()
+def validation_loss(model, examples, cfg, d):
     """Mean loss per counted token over (up to eval_batches micro-batches of) the validation examples."""
     model.eval()
     total, count = 0.0, 0
-    with torch.no_grad():
-        for i in range(0, min(len(examples), cfg.eval_batches * cfg.micro_batch_size), cfg.micro_batch_size):
-            x, y, mask = collate(examples[i:i + cfg.micro_batch_size], d.device)
-            with d.autocast():
-                _, loss = model(x, y, loss_mask=mask)
-            total += loss.item() * mask.sum().item()
-            count += mask.sum().item()
+    for i in range(0, min(len(examples), cfg.eval_batches * cfg.micro_batch_size), cfg.micro_batch_size):
+        x, y, mask = collate(examples[i:i + cfg.micro_batch_size], d.device)
+        with d.autocast():
+            _, loss = model(x, y, loss_mask=mask)
+        total += loss.item() * mask.sum().item()
+        count += mask.sum().item()
     model.train()
     return total / max(count, 1)
 
 
-def val_windows(tokens, seq_len, limit):
-    """Consecutive, non-overlapping windows of held-out text, as (ids, 0) examples (every token counts)."""
-    return [(tokens[i:i + seq_len + 1].tolist(), 0) for i in range(0, len(tokens) - seq_len - 1, seq_len)][:limit]
-
-
 def main():
-    # -- config and setup
+    # -- config, model (before the data: its tokenizer and context length decide how the data is encoded)
     cfg = parse_config(SFTConfig)
     d = Dist(cfg.device, cfg.dtype)
     if cfg.batch_size % (cfg.micro_batch_size * d.world_size):
@@ -151,14 +179,11 @@ def main():
                             "--text-data": cfg.text_data, "--val-text-data": cfg.val_text_data}, cfg.resume)
     set_seed(cfg.seed)  # the same init on every rank
     log = RunLog(cfg.out_dir, enabled=d.master, resume=cfg.resume)
-
-    # -- model (before the data: its tokenizer and context length decide how the data is encoded)
     init = f"{cfg.out_dir}/ckpt.pt" if cfg.resume else cfg.init  # --resume: the interrupted run's weights
     if init == "scratch":
         tokenizer = cfg.tokenizer
-        tok = get_tokenizer(tokenizer)
-        model = GPT(GPTConfig(block_size=cfg.block_size or cfg.seq_len, vocab_size=tok.n_vocab, n_layer=cfg.n_layer,
-                              n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout))
+        model = GPT(GPTConfig(block_size=cfg.block_size or cfg.seq_len, vocab_size=get_tokenizer(tokenizer).n_vocab,
+                              n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout))
     else:
         tokenizer, model, ckpt = load_model(init, "lm", cfg.dropout, kind="lm")
     tok = get_tokenizer(tokenizer)
@@ -167,70 +192,43 @@ def main():
     model.gradient_checkpointing = cfg.grad_checkpointing
     if cfg.compile:
         model.compile()
-    raw_model = model
-    model = d.wrap(model)
+    ddp_model = d.wrap(model)
     if d.master:
-        print(f"model: {raw_model.get_num_params() / 1e6:.2f}M parameters, tokenizer {tokenizer}, "
+        print(f"model: {model.get_num_params() / 1e6:.2f}M parameters, tokenizer {tokenizer}, "
               f"device {d.device}, {d.world_size} process(es)")
 
-    # -- data
-    def encode_sft(path):
-        records, stats = load_sft(path), {}
-        out = [e for r in records if (e := encode_example(tok, r["prompt"], r["response"], seq_len + 1, stats))]
-        warn_counts(path, stats, len(records))
-        return out
-    train_sft = encode_sft(cfg.sft_data) if cfg.sft_data else []
-    val_sft = encode_sft(cfg.val_sft_data) if cfg.val_sft_data else []
+    # -- data: demonstrations (loss on the response) and/or pretraining text (loss on every token)
+    train_sft = encode_demonstrations(cfg.sft_data, tok, seq_len) if cfg.sft_data else []
+    val_sft = encode_demonstrations(cfg.val_sft_data, tok, seq_len) if cfg.val_sft_data else []
     text = torch.tensor(tok.encode(load_text(cfg.text_data))) if cfg.text_data else None
     val_text = val_windows(torch.tensor(tok.encode(load_text(cfg.val_text_data))), seq_len,
-                            cfg.eval_batches * cfg.micro_batch_size) if cfg.val_text_data else []
+                           cfg.eval_batches * cfg.micro_batch_size) if cfg.val_text_data else []
     # the longest response taught, with its end-of-text: ppo.py, sample.py and evaluate.py check that they
     # let the policy say that much (a correct answer cut off would be scored as unended)
     longest = {"max_response_tokens": max(len(ids) - n_query for ids, n_query in train_sft)} if train_sft else {}
     batches = Batches(train_sft, text, cfg, seq_len)
     max_iters = cfg.max_iters or max(1, round(cfg.epochs * batches.iters_per_epoch()))
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), d.device_type)
 
-    # -- optimiser
-    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), d.device_type)
-    accum = cfg.batch_size // (cfg.micro_batch_size * d.world_size)
+    # -- plumbing (skip on a first read): --resume, periodic saves, Ctrl-C, non-finite steps; see reliability.py
     start = resume_training(ckpt, cfg, max_iters, d, log, [optimizer]) if cfg.resume else 0
 
     def save(step):  # the weights and what --resume needs, every --save-interval steps and at the end
         if d.master:
-            save_checkpoint(f"{cfg.out_dir}/ckpt.pt", raw_model, cfg, tokenizer, iter=step, max_iters=max_iters,
+            save_checkpoint(f"{cfg.out_dir}/ckpt.pt", model, cfg, tokenizer, iter=step, max_iters=max_iters,
                             **longest, **training_state(d, [optimizer]))
-
-    # -- training loop (Ctrl-C ends it after the current step; a NaN/inf step is skipped)
-    t_last, it_last = time.time(), start - 1  # time and step of the last log line
     interrupt, guard = Interrupt(d), NonFiniteGuard(cfg.max_bad_steps, d)
+    t_last, it_last = time.time(), start - 1  # time and step of the last log line
+
+    # -- training loop
     for it in tqdm(interrupt.steps(start, max_iters), total=max_iters, initial=start,
                    desc="sft" if cfg.sft_data else "pretrain", disable=not d.master):
         lr = cosine_lr(it, max_iters, cfg.lr, cfg.lr * cfg.min_lr_ratio, cfg.warmup_iters)
         for group in optimizer.param_groups:
             group["lr"] = lr
         batch = batches(it)
-        # normalise by the counted tokens of the whole global batch, so that the loss (and gradient) is
-        # the same however the batch is split over micro-batches and processes
-        n_global = sum(len(ids) - max(n_query, 1) for ids, n_query in batch)
-        mine = batch[d.rank::d.world_size]
-        loss_sum = torch.zeros((), device=d.device)
-        for micro in range(accum):
-            x, y, mask = collate(mine[micro * cfg.micro_batch_size:(micro + 1) * cfg.micro_batch_size], d.device)
-            if d.ddp:
-                model.require_backward_grad_sync = micro == accum - 1  # all-reduce once, on the last micro-batch
-            with d.autocast():
-                _, loss = model(x, y, loss_mask=mask)
-            # DDP averages gradients over processes: scale by world_size to get a sum over the global batch
-            scaled = loss * mask.sum() / n_global
-            (scaled * d.world_size).backward()
-            loss_sum += scaled.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)  # inf: no clip
-        if guard.ok(it, loss_sum, grad_norm):
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+        loss = train_step(ddp_model, optimizer, guard, batch, it, cfg, d)
         if it % cfg.log_interval == 0 or it == max_iters - 1:
-            loss = d.all_reduce_mean(loss_sum).item() * d.world_size
             dt = (time.time() - t_last) / (it - it_last)  # per step since the last log line
             t_last, it_last = time.time(), it
             log.log(it, loss=loss, lr=lr, ms=dt * 1000, tokens_per_s=sum(len(ids) - 1 for ids, _ in batch) / dt,
@@ -238,9 +236,9 @@ def main():
         if d.master and (val_sft or val_text) and (it % cfg.eval_interval == 0 or it == max_iters - 1):
             metrics = {}
             if val_sft:
-                metrics["val_loss"] = evaluate(raw_model, val_sft, cfg, d)
+                metrics["val_loss"] = validation_loss(model, val_sft, cfg, d)
             if val_text:
-                metrics["val_text_loss"] = evaluate(raw_model, val_text, cfg, d)
+                metrics["val_text_loss"] = validation_loss(model, val_text, cfg, d)
             log.log(it, **metrics)
         if cfg.save_interval and (it + 1) % cfg.save_interval == 0 and it + 1 < max_iters:
             save(it + 1)

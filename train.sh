@@ -34,13 +34,9 @@ fi
 W=$RUNS/world
 start=$(date +%s)
 
-finished() {  # a checkpoint saved mid-run (Ctrl-C, --save-interval) has iter < max_iters: not finished;
-  [[ $1 != *.pt ]] && return 0  # a truncated one (an interrupted copy) is not either
-  $PY -c "import contextlib, io, sys; from common import load_checkpoint
-try:
-    with contextlib.redirect_stderr(io.StringIO()): c = load_checkpoint(sys.argv[1])
-except ValueError as e: sys.exit(f'note: {e}: running its stage again')
-sys.exit(0 if c.get('iter') == c.get('max_iters', c.get('iter')) else 1)" "$1"
+finished() {  # a checkpoint that loads and whose run did all its steps (common.stage_finished); other files: exist
+  [[ $1 != *.pt ]] && return 0
+  $PY -c "import sys, common; sys.exit(0 if common.stage_finished(sys.argv[1]) else 1)" "$1"
 }
 
 stage() {  # stage NAME OUTPUT COMMAND...: run COMMAND unless OUTPUT exists; report its time

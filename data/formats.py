@@ -35,7 +35,10 @@ import re
 import tempfile
 import urllib.request
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
+
+from tqdm import tqdm
 
 HUMAN = "\n\nHuman: "
 ASSISTANT = "\n\nAssistant:"
@@ -343,21 +346,30 @@ _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
 
-def write_bytes(path, data: bytes) -> None:
-    """Write bytes to a temporary file next to path, fsync it, then rename it over path (atomic on POSIX/NTFS)."""
+@contextmanager
+def atomic_open(path):
+    """A binary file to write `path` through: a temporary file next to it, fsynced and renamed over path
+    when the block ends (atomic on POSIX and NTFS); on any error, or Ctrl-C, it is removed and path is left
+    as it was. Every writer of the project (data files, checkpoints, downloads) goes through here."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp")
     try:
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes the file private; give it the usual permissions
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_bytes(path, data: bytes) -> None:
+    """Write bytes to path atomically."""
+    with atomic_open(path) as f:
+        f.write(data)
 
 
 def _maybe_gzip(path, data: bytes) -> bytes:
@@ -381,26 +393,19 @@ def write_text(path, text: str) -> None:
     write_bytes(path, _maybe_gzip(path, text.encode("utf-8")))
 
 
-def download(url: str, dest) -> Path:
-    """Fetch url to dest once (with a progress bar); later calls reuse the file. Atomic like the writers."""
-    from tqdm import tqdm
-
+def download(url: str, dest, hint: str = "pass --source with a local copy") -> Path:
+    """Fetch url to dest once (with a progress bar); later calls reuse the file. Atomic like the writers;
+    a failure is a ConnectionError that ends with `hint`."""
     dest = Path(dest)
     if dest.is_file():
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
     try:
-        with urllib.request.urlopen(url, timeout=60) as r, open(part, "wb") as f, \
+        with urllib.request.urlopen(url, timeout=60) as r, atomic_open(dest) as f, \
                 tqdm(total=int(r.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True,
                      desc=dest.name) as bar:
             while chunk := r.read(1 << 16):
                 f.write(chunk)
                 bar.update(len(chunk))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(part, dest)
     except OSError as e:  # URLError and socket errors are OSErrors
-        part.unlink(missing_ok=True)
-        raise RuntimeError(f"could not download {url} ({e}); pass --source with a local copy") from None
+        raise ConnectionError(f"could not download {url} ({e}); {hint}") from None
     return dest

@@ -20,11 +20,12 @@ Deviations from the paper, on purpose:
 Lines that cannot be used (prompts that differ between chosen and rejected, identical or empty answers)
 are skipped and counted rather than stopping the run; data/formats.py's loaders are the strict ones.
 """
-import argparse
 import json
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
+from config import cli, parse_config
 from data.formats import (DataError, download, parse_ranking, read_jsonl, split_of, write_jsonl, write_text)
 from data.tokenizer import cache_dir
 
@@ -77,8 +78,8 @@ def prepare(files: list[Path], out, max_examples: int | None = None) -> dict:
         raise DataError(files[0], 0, "no usable HH-RLHF pairs: expected lines with 'chosen' and 'rejected'")
     if not splits["val"] or not splits["test"]:
         n = sum(len(p) for p in splits.values())
-        raise RuntimeError(f"only {n} usable pairs, too few to hold out val and test prompts "
-                           f"({VAL:.1%} each): use more examples")
+        raise ValueError(f"only {n} usable pairs, too few to hold out val and test prompts "
+                         f"({VAL:.1%} each): use more examples")
     out = Path(out)
     counts = {}
     for split, pairs in splits.items():
@@ -97,23 +98,33 @@ def prepare(files: list[Path], out, max_examples: int | None = None) -> dict:
     return summary
 
 
+@dataclass
+class HHConfig:
+    """What to convert and where to write it."""
+    out: str  # output directory
+    source: str | None = None  # a local HH-RLHF .jsonl(.gz) file or directory (default: download into the cache)
+    subsets: str = ",".join(SUBSETS)  # comma-separated HH subsets
+    max_examples: int | None = None  # use at most N pairs from each file
+
+    def __post_init__(self):
+        unknown = [s for s in self.subset_list if s not in SUBSETS]
+        if unknown or not self.subset_list:
+            raise ValueError(f"--subsets: unknown {unknown}; choose from {','.join(SUBSETS)}")
+        if self.max_examples is not None and self.max_examples < 1:
+            raise ValueError("--max-examples must be at least 1")
+
+    @property
+    def subset_list(self) -> list[str]:
+        return [s for s in self.subsets.split(",") if s]
+
+
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m data.hh_rlhf", description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--source", default=None, help="a local HH-RLHF .jsonl(.gz) file or directory "
-                        "(default: download from GitHub into the cache)")
-    parser.add_argument("--subsets", nargs="+", default=list(SUBSETS), choices=SUBSETS, help="HH subsets")
-    parser.add_argument("--max-examples", type=int, default=None, help="use at most N pairs from each file")
-    args = parser.parse_args(argv)
-    try:
-        summary = prepare(source_files(args.source, args.subsets), args.out, args.max_examples)
-    except (DataError, RuntimeError) as e:
-        parser.exit(1, f"error: {e}\n")
+    cfg = parse_config(HHConfig, argv, prog="python -m data.hh_rlhf")
+    summary = prepare(source_files(cfg.source, cfg.subset_list), cfg.out, cfg.max_examples)
     n_skipped = sum(summary["skipped"].values())
-    print(f"wrote {args.out}: " + ", ".join(f"{k} {v}" for k, v in summary["counts"].items())
+    print(f"wrote {cfg.out}: " + ", ".join(f"{k} {v}" for k, v in summary["counts"].items())
           + f"; skipped {n_skipped} unusable lines")
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

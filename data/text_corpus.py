@@ -7,10 +7,11 @@ Writes pretrain.txt and pretrain_val.txt (the same names as the built-in world, 
 either folder finds its text). The validation part is the end of the corpus, cut at a line break, as in
 nanoGPT's shakespeare_char: a contiguous tail rather than random lines, so no passage is in both.
 """
-import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
-from data.formats import DataError, download, load_text, write_text
+from config import cli, parse_config
+from data.formats import download, load_text, write_text
 from data.tokenizer import cache_dir
 
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -39,21 +40,24 @@ def prepare(source, out, val_fraction: float = 0.1) -> tuple[int, int]:
     return len(train), len(val)
 
 
+@dataclass
+class CorpusConfig:
+    """Where the text comes from and where it goes."""
+    out: str  # output directory
+    source: str | None = None  # a local .txt or JSONL {text} file (default: download tiny Shakespeare)
+    val_fraction: float = 0.1  # share of the text kept for validation
+
+    def __post_init__(self):  # checked before a download, not after
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"--val-fraction must be between 0 and 1, got {self.val_fraction}")
+
+
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m data.text_corpus", description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--source", default=None,
-                        help="a local .txt or JSONL {text} file (default: download tiny Shakespeare)")
-    parser.add_argument("--val-fraction", type=float, default=0.1, help="share of the text kept for validation")
-    args = parser.parse_args(argv)
-    try:
-        source = args.source or download(URL, cache_dir() / "tinyshakespeare.txt")
-        n_train, n_val = prepare(source, args.out, args.val_fraction)
-    except (DataError, RuntimeError, ValueError) as e:
-        parser.exit(1, f"error: {e}\n")
-    print(f"wrote {args.out}/pretrain.txt ({n_train:,} chars) and pretrain_val.txt ({n_val:,} chars)")
+    cfg = parse_config(CorpusConfig, argv, prog="python -m data.text_corpus")
+    source = cfg.source or download(URL, cache_dir() / "tinyshakespeare.txt")
+    n_train, n_val = prepare(source, cfg.out, cfg.val_fraction)
+    print(f"wrote {cfg.out}/pretrain.txt ({n_train:,} chars) and pretrain_val.txt ({n_val:,} chars)")
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -43,9 +43,6 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self.enc.encode_ordinary(text)
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self.enc.encode_ordinary_batch(texts)
-
     def decode(self, ids) -> str:
         """Decode ids to text; special tokens are dropped, invalid UTF-8 becomes U+FFFD."""
         ids = [int(i) for i in ids]

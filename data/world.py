@@ -30,7 +30,6 @@ never share a prompt string, whatever the seed.
     python -m data.world --help                             # every option with its default
     python -m data.world rank --samples S.jsonl --out R.jsonl   # rank model samples like a labeler
 """
-import argparse
 import dataclasses
 import json
 import math
@@ -38,11 +37,12 @@ import random
 import re
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from data.formats import DataError, load_samples, split_of, write_jsonl, write_text
+from config import cli, parse_config
+from data.formats import load_samples, split_of, write_jsonl, write_text
 
 # --- the vocabulary -------------------------------------------------------------------------------------
 CATEGORY_OF = {thing: cat for cat, things in {
@@ -640,34 +640,30 @@ def pretrain_text(rng: random.Random, families, n_bytes: int) -> str:
 
 
 # --- config and generation ------------------------------------------------------------------------------
-def _opt(default, help):
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class WorldConfig:
     """Everything that determines the generated files; saved as world.json next to them."""
-    out: str = _opt("data/world", "output directory")
-    seed: int = _opt(0, "random seed; the same seed gives byte-identical files")
-    families: str = _opt(",".join(FAMILIES), "comma-separated task families to include")
-    pretrain_bytes: int = _opt(1_000_000, "size of pretrain.txt in bytes")
-    pretrain_val_bytes: int = _opt(50_000, "size of pretrain_val.txt in bytes")
-    sft_train: int = _opt(16000, "demonstrations in sft_train.jsonl")
-    sft_val: int = _opt(300, "demonstrations in sft_val.jsonl")
-    rankings_train: int = _opt(2000, "ranked prompts in rankings_train.jsonl")
-    rankings_val: int = _opt(300, "ranked prompts in rankings_val.jsonl")
-    ppo_prompts: int = _opt(2000, "prompts in ppo_prompts.jsonl (train split)")
-    val_prompts: int = _opt(300, "prompts in val_prompts.jsonl (val split)")
-    test_prompts: int = _opt(600, "prompts in test_prompts.jsonl (held-out test split)")
-    k_min: int = _opt(4, "fewest responses ranked per prompt (paper: 4)")
-    k_max: int = _opt(9, "most responses ranked per prompt (paper: 9)")
-    wrong_rate: float = _opt(0.06, "demonstrator: probability of a wrong answer")
-    hedge_rate: float = _opt(0.06, "demonstrator: probability of hedging ('I think maybe ...')")
-    filler_rate: float = _opt(0.06, "demonstrator: probability of filler ('Sure! Happy to help. ...')")
-    refuse_benign_rate: float = _opt(0.2, "demonstrator: probability of refusing a benign look-alike request")
-    accept_premise_rate: float = _opt(0.25, "demonstrator: probability of accepting a false premise")
-    comply_harmful_rate: float = _opt(0.1, "demonstrator: probability of complying with a forbidden request")
-    labeler_noise: float = _opt(LABELER_NOISE, "labeler Plackett-Luce temperature on the 0..1 judge scale")
+    out: str = "data/world"  # output directory
+    seed: int = 0  # random seed; the same seed gives byte-identical files
+    families: str = ",".join(FAMILIES)  # comma-separated task families to include
+    pretrain_bytes: int = 1_000_000  # size of pretrain.txt in bytes
+    pretrain_val_bytes: int = 50_000  # size of pretrain_val.txt in bytes
+    sft_train: int = 16000  # demonstrations in sft_train.jsonl
+    sft_val: int = 300  # demonstrations in sft_val.jsonl
+    rankings_train: int = 2000  # ranked prompts in rankings_train.jsonl
+    rankings_val: int = 300  # ranked prompts in rankings_val.jsonl
+    ppo_prompts: int = 2000  # prompts in ppo_prompts.jsonl (train split)
+    val_prompts: int = 300  # prompts in val_prompts.jsonl (val split)
+    test_prompts: int = 600  # prompts in test_prompts.jsonl (held-out test split)
+    k_min: int = 4  # fewest responses ranked per prompt (paper: 4)
+    k_max: int = 9  # most responses ranked per prompt (paper: 9)
+    wrong_rate: float = 0.06  # demonstrator: probability of a wrong answer
+    hedge_rate: float = 0.06  # demonstrator: probability of hedging ('I think maybe ...')
+    filler_rate: float = 0.06  # demonstrator: probability of filler ('Sure! Happy to help. ...')
+    refuse_benign_rate: float = 0.2  # demonstrator: probability of refusing a benign look-alike request
+    accept_premise_rate: float = 0.25  # demonstrator: probability of accepting a false premise
+    comply_harmful_rate: float = 0.1  # demonstrator: probability of complying with a forbidden request
+    labeler_noise: float = LABELER_NOISE  # labeler Plackett-Luce temperature on the 0..1 judge scale
 
     def __post_init__(self):
         unknown = set(self.family_list) - set(FAMILIES)
@@ -742,48 +738,37 @@ def rank_samples(samples: list[dict], rng: random.Random, noise: float) -> tuple
     return records, skipped
 
 
-def _parser(cls) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m data.world", description=__doc__.split("\n")[0],
-                                     epilog="Also: python -m data.world rank --help",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(cls):
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=type(f.default),
-                            default=f.default, help=f.metadata["help"])
-    return parser
+@dataclass
+class RankConfig:
+    """python -m data.world rank: how the pipeline gets rankings of its own SFT samples (section 3.5)."""
+    samples: str  # JSONL of {prompt, responses: [...]}
+    out: str  # rankings JSONL to write
+    seed: int = 0  # random seed of the labelers
+    noise: float = LABELER_NOISE  # labeler Plackett-Luce temperature
+
+    def __post_init__(self):
+        if self.noise < 0:
+            raise ValueError("--noise must not be negative")
 
 
 def rank_main(argv) -> None:
-    """python -m data.world rank: how the pipeline gets rankings of its own SFT samples (section 3.5)."""
-    p = argparse.ArgumentParser(prog="python -m data.world rank", description="Rank model samples "
-                                "({prompt, responses}) with simulated labelers and write a rankings file.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--samples", required=True, help="JSONL of {prompt, responses: [...]}")
-    p.add_argument("--out", required=True, help="rankings JSONL to write")
-    p.add_argument("--seed", type=int, default=0, help="random seed of the labelers")
-    p.add_argument("--noise", type=float, default=LABELER_NOISE, help="labeler Plackett-Luce temperature")
-    args = p.parse_args(argv)
-    try:
-        samples = load_samples(args.samples)
-    except DataError as e:
-        p.exit(1, f"error: {e}\n")
-    records, skipped = rank_samples(samples, random.Random(f"{args.seed}/rank"), args.noise)
+    # parse_config describes a command by its module's docstring; the epilog says what this one does
+    cfg = parse_config(RankConfig, argv, prog="python -m data.world rank", epilog="Rank model samples "
+                       "({prompt, responses}) with simulated labelers and write a rankings file.")
+    records, skipped = rank_samples(load_samples(cfg.samples), random.Random(f"{cfg.seed}/rank"), cfg.noise)
     if not records:
-        p.exit(1, f"error: {args.samples}: no prompt has 2 distinct non-empty responses; sample more per prompt\n")
-    write_jsonl(args.out, records)
-    agreement = labeler_agreement(records, random.Random(f"{args.seed}/agreement"), args.noise)
+        raise ValueError(f"{cfg.samples}: no prompt has 2 distinct non-empty responses; sample more per prompt")
+    write_jsonl(cfg.out, records)
+    agreement = labeler_agreement(records, random.Random(f"{cfg.seed}/agreement"), cfg.noise)
     print(f"ranked {len(records)} prompts ({skipped} skipped: fewer than 2 distinct non-empty responses), "
-          f"labeler agreement {agreement:.3f} -> {args.out}")
+          f"labeler agreement {agreement:.3f} -> {cfg.out}")
 
 
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["rank"]:
         return rank_main(argv[1:])
-    parser = _parser(WorldConfig)
-    try:
-        cfg = WorldConfig(**vars(parser.parse_args(argv)))
-    except ValueError as e:
-        parser.error(str(e))
+    cfg = parse_config(WorldConfig, argv, prog="python -m data.world", epilog="Also: python -m data.world rank --help")
     t0 = time.time()
     summary = generate(cfg)
     print(f"wrote the world to {cfg.out} in {time.time() - t0:.1f}s: labeler agreement "
@@ -792,4 +777,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

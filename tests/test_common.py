@@ -6,7 +6,8 @@ import pickle
 import pytest
 import torch
 
-from common import load_checkpoint, model_from_checkpoint, parse_config, save_checkpoint
+from common import load_checkpoint, model_from_checkpoint, save_checkpoint
+from config import parse_config
 from model import GPT, GPTConfig
 
 

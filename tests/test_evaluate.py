@@ -13,13 +13,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import config
 import sample
+import sampling
 from common import save_checkpoint
 from data.formats import encode_chat, load_samples, write_jsonl, write_text
 from data.judge import gold_score
 from data.tokenizer import get_tokenizer
 from data.world import FAMILIES, gold_answer, parse_prompt, pretrain_text, sample_tasks
-from evaluate import MODELS, best_constants, best_of_n_kl, few_shot_contexts, mean_ci, response_logprobs, reward_scores
+from evaluate import MODELS, best_constants, best_of_n_kl, few_shot_contexts, mean_ci, response_logprobs
+from sampling import score_responses
 from model import GPT, GPTConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,7 +98,7 @@ def test_response_logprobs_match_a_loop_over_unpadded_sequences():
         ref = sum(logp[t - 1, ids[0, t]].item() for t in range(len(c), len(c) + len(r)))
         assert value == pytest.approx(ref, abs=1e-4)
     rm = tiny(1, head="scalar")
-    scores = reward_scores(rm, contexts, responses, batch_size=3)
+    scores = score_responses(rm, contexts, responses, batch_size=3)
     for c, r, value in zip(contexts, responses, scores):
         assert value == pytest.approx(rm(torch.tensor([c + r]))[0][0, -1].item(), abs=1e-5)
 
@@ -148,10 +151,10 @@ def test_evaluate_end_to_end(world):
     assert models["constant"]["distinct"] == 0.1 and 0 < models["family_constant"]["distinct"] <= 1
     # greedy decoding is deterministic: the same responses as sample.py at temperature 0
     tok = get_tokenizer("byte")
-    sft = sample.load_policy(str(world / "sft" / "ckpt.pt"), "cpu")[0]
-    queries = sample.encode_queries(tok, [s["prompt"] for s in samples], 128 - 16)
-    greedy = sample.sample_responses(sft, queries, tok, 16, 0.0, 4, torch.Generator())
-    assert [s["responses"]["sft_greedy"]["response"] for s in samples] == [sample.decode_response(tok, r) for r in greedy]
+    sft = sampling.load_policy(str(world / "sft" / "ckpt.pt"), "cpu")[0]
+    queries = sampling.encode_queries(tok, [s["prompt"] for s in samples], 128 - 16)
+    greedy = sampling.sample_responses(sft, queries, tok, 16, 0.0, 4, torch.Generator())
+    assert [s["responses"]["sft_greedy"]["response"] for s in samples] == [sampling.decode_response(tok, r) for r in greedy]
     assert set(report["rm_checks"]) == {"gold_over_wrong", "gold_over_other_prompt"}
     assert report["gold_reference"]["distinct"] > 0 and report["gold_reference"]["mean_length"] > 1
     md = (world / "eval" / "report.md").read_text()
@@ -204,7 +207,7 @@ def test_sample_collect_k_in_range_and_deterministic(world, monkeypatch, capsys)
 
 def test_join_repeated_ckpt_flags():
     argv = ["--ckpt", "a.pt", "--n", "2", "--ckpt=b.pt", "--ckpt", "c.pt"]
-    assert sample.join_repeated(argv, "--ckpt") == ["--n", "2", "--ckpt", "a.pt,b.pt,c.pt"]
+    assert config.join_repeated(argv, "--ckpt") == ["--n", "2", "--ckpt", "a.pt,b.pt,c.pt"]
 
 
 def test_best_constants_by_hand():
@@ -217,12 +220,12 @@ def test_best_constants_by_hand():
 
 
 def _oracle_scores(sign):
-    """A stand-in for evaluate.reward_scores that scores each response by sign * its gold score."""
+    """A stand-in for evaluate.score_responses that scores each response by sign * its gold score."""
     tok = get_tokenizer("byte")
 
     def scores(rm, queries, responses, batch_size):
         prompts = [tok.decode(q).split("Human: ", 1)[1].rsplit("\n\nAssistant:", 1)[0] for q in queries]
-        return [sign * gold_score(p, sample.decode_response(tok, r)) for p, r in zip(prompts, responses)]
+        return [sign * gold_score(p, sampling.decode_response(tok, r)) for p, r in zip(prompts, responses)]
     return scores
 
 
@@ -232,7 +235,7 @@ def test_rm_checks_against_oracle_and_blind_reward_models(monkeypatch):
     cfg = evaluate.EvalConfig(max_new_tokens=16)
     rm, tok = tiny(0, head="scalar"), get_tokenizer("byte")
     for sign, expected in ((1.0, 1.0), (-1.0, 0.0), (0.0, 0.0)):  # right, inverted, blind (ties never count)
-        monkeypatch.setattr(evaluate, "reward_scores", _oracle_scores(sign))
+        monkeypatch.setattr(evaluate, "score_responses", _oracle_scores(sign))
         checks = evaluate.rm_checks(rm, prompts, tok, cfg)
         for name in ("gold_over_wrong", "gold_over_other_prompt"):
             assert set(checks[name]) == {"all"} | {parse_prompt(p).family for p in prompts}
@@ -265,7 +268,7 @@ def test_unended_responses_score_the_fixed_value_and_lose_best_of_n(monkeypatch)
     eot = tok.eot_token
     ended, unended = tok.encode(" ok.") + [eot], tok.encode(" and then the")
     cfg = evaluate.EvalConfig(best_of=2, unended_score=-7.0, max_new_tokens=16)
-    monkeypatch.setattr(evaluate, "reward_scores", lambda rm, q, responses, bs: [5.0 if r[-1] != eot else 1.0
+    monkeypatch.setattr(evaluate, "score_responses", lambda rm, q, responses, bs: [5.0 if r[-1] != eot else 1.0
                                                                                for r in responses])
     assert evaluate.scores_by_the_rule(None, [[1], [2]], [ended, unended], tok, cfg) == [1.0, -7.0]
     # best-of-2: the unended sample has the higher raw RM score, and still loses

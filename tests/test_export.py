@@ -12,10 +12,12 @@ import pytest
 import torch
 
 import export
-from common import cli, save_checkpoint
+from common import save_checkpoint
+from config import cli
 from data.formats import encode_chat
 from data.tokenizer import get_tokenizer
-from model import GPT, GPTConfig, read_safetensors
+from model import GPT, GPTConfig
+from weights import read_safetensors
 
 transformers = pytest.importorskip("transformers")
 

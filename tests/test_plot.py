@@ -36,7 +36,7 @@ def runs(tmp_path):
             "score_mean": 0.0, "score_std": 1.0} for s in (0, 10)]
     write_log(runs / "rm" / "metrics.jsonl", rm)
     ppo = [{"step": i, "time": i, "score": -1.0 + 0.1 * i, "kl": KL[i % 4], "exact_kl": KL[i % 4], "entropy": 0.2,
-            "non_score_reward": -0.3 * KL[i % 4], "beta": 0.3, "pg_loss": 0.01, "vf_loss": 1.0 / (i + 1),
+            "non_score_reward": -0.3 * KL[i % 4], "kl_coef": 0.3, "pg_loss": 0.01, "vf_loss": 1.0 / (i + 1),
             "clipfrac": 0.01, "explained_variance": 0.5, "response_length": 20.0 - 0.5 * i} for i in range(20)]
     write_log(runs / "ppo" / "metrics.jsonl", ppo, tail='{"step": 20, "time": 20, "score": 9')  # a crash mid-line
     return runs
@@ -73,7 +73,7 @@ def test_text_summary_without_matplotlib(runs, monkeypatch, capsys):
     assert len(spark) == 40 and rises(spark)
     assert row(ppo, "kl")[:5] == (20, 0.5, 0.25, 2.0, 1.0)
     assert rises(row(ppo, "response_length")[5][::-1])  # shorter responses: a falling sparkline
-    assert set(row(ppo, "beta")[5]) == {"▄"}  # a constant: flat, mid-height
+    assert set(row(ppo, "kl_coef")[5]) == {"▄"}  # a constant: flat, mid-height
     assert [line.split()[0] for line in ppo.splitlines()[5:10]] == ["score", "kl", "exact_kl", "entropy",
                                                                     "response_length"]  # the panels' first
 

@@ -7,9 +7,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from common import pad_left
-from model import GPT, GPTConfig
-from ppo import compute_gae, compute_rewards, forward_response, ppo_losses, response_mask, value_of_response
+from data.batches import pad_left
+from model import GPT, GPTConfig, forward_response, value_of_response
+from ppo import compute_gae, compute_rewards, ppo_losses, response_mask
 
 EOS = 1
 
@@ -26,7 +26,7 @@ def gae_loop(rewards, values, length, gamma, lam):
 
 
 @pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.8), (1.0, 1.0)])
-def test_gae_vectorised_equals_reverse_loop(gamma, lam):
+def test_gae_of_the_batch_equals_a_loop_per_response(gamma, lam):
     torch.manual_seed(0)
     B, R = 4, 9
     lengths = [9, 1, 5, 7]
@@ -72,7 +72,7 @@ def test_rewards_kl_at_the_right_positions_with_early_eos():
     logprobs = torch.randn(3, 5)
     ref_logprobs = torch.randn(3, 5)
     scores = torch.tensor([2.0, -1.0, 0.5])
-    rewards, kl, nsr = compute_rewards(scores, logprobs, ref_logprobs, mask, beta=0.1)
+    rewards, kl, nsr = compute_rewards(scores, logprobs, ref_logprobs, mask, kl_coef=0.1)
     for b, last in enumerate([2, 4, 0]):
         for t in range(5):
             k = (logprobs[b, t] - ref_logprobs[b, t]).item() if t <= last else 0.0
@@ -105,7 +105,7 @@ def test_response_logprobs_and_values_under_left_padding_equal_unpadded_rows():
 
 
 def test_unended_responses_get_the_fixed_score():
-    from reward import unended_rule
+    from sampling import unended_rule
     scores = torch.tensor([0.7, 5.0, -0.2])
     ended = torch.tensor([True, False, True])
     assert unended_rule(scores, ended, -3.0).tolist() == pytest.approx([0.7, -3.0, -0.2])
@@ -135,3 +135,50 @@ def test_ppo_learns_what_the_reward_asks_for(tmp_path):
              if "ended" in r]
     first, last = sum(ended[:5]) / 5, sum(ended[-5:]) / 5
     assert len(ended) == 30 and first < 0.2 and last > 0.7, ended
+
+
+def test_ptx_term_adds_gamma_times_the_pretraining_gradient(monkeypatch):
+    """PPO-ptx (equation 2): one ppo_update step with gamma_ptx moves the policy by the step without the ptx
+    term plus gamma_ptx times the (negative) gradient of the pretraining loss on the same windows. With plain
+    SGD at learning rate 1 a step is minus the gradient, so this is exact; a dropped, mis-scaled or
+    sign-flipped ptx term fails it."""
+    import ppo
+    from common import Dist
+    from reliability import NonFiniteGuard
+    torch.manual_seed(0)
+    V = 16
+    policy = GPT(GPTConfig(block_size=32, vocab_size=V, n_layer=1, n_head=2, n_embd=16))
+    value_model = GPT(GPTConfig(block_size=32, vocab_size=V, n_layer=1, n_head=2, n_embd=16, head="scalar"))
+    query, query_mask = pad_left([[3, 4, 5], [6, 7], [8, 9, 10, 11], [12]], 0)
+    response = torch.tensor([[5, 6, EOS, 0], [7, 8, 9, 4], [EOS, 0, 0, 0], [2, EOS, 0, 0]])
+    ro = ppo.Rollouts(torch.cat([query, response], 1), query.size(1), query_mask, response_mask(response, EOS),
+                      (response == EOS).any(1))
+    with torch.no_grad():
+        logprobs, _ = forward_response(policy, ro.seq, ro.attention_mask, ro.n_query, 1.0)
+    old = {"logprobs": logprobs, "values": torch.randn(4, 4), "advantages": torch.randn(4, 4),
+           "returns": torch.randn(4, 4)}
+    windows = [(torch.randint(V, (9,)).tolist(), 0) for _ in range(2)]
+    monkeypatch.setattr(ppo, "text_windows", lambda *args: windows)  # the same windows in every update
+
+    def step(ptx_coef, ptx_tokens):
+        cfg = SimpleNamespace(ppo_epochs=1, batch_size=4, minibatch_size=4, cliprange=0.2, cliprange_value=0.2,
+                              temperature=1.0, grad_clip=0.0, seed=0, ptx_batch_size=2, ptx_coef=ptx_coef)
+        p, v = GPT(policy.config), GPT(value_model.config)
+        p.load_state_dict(policy.state_dict())
+        v.load_state_dict(value_model.state_dict())
+        d = Dist("cpu", "fp32")
+        opts = [torch.optim.SGD(m.parameters(), lr=1.0) for m in (p, v)]
+        ppo.ppo_update(p, v, opts, NonFiniteGuard(5, d), ro, old, 0, cfg, d, ptx_tokens, 8)
+        return {k: p.state_dict()[k] - w for k, w in policy.state_dict().items()}
+
+    without = step(0.0, None)
+    x = torch.tensor([w[:-1] for w, _ in windows])
+    y = torch.tensor([w[1:] for w, _ in windows])
+    policy.zero_grad()
+    logits, _ = policy(x)
+    torch.nn.functional.cross_entropy(logits.reshape(-1, V), y.reshape(-1)).backward()
+    lm_grad = {k: p.grad for k, p in policy.named_parameters()}
+    for gamma in (0.5, 2.0):
+        with_ptx = step(gamma, torch.arange(100))
+        for k, g in lm_grad.items():
+            torch.testing.assert_close(with_ptx[k], without[k] - gamma * g, atol=1e-5, rtol=1e-4, msg=k)

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+from config import cli
 from data import hh_rlhf, text_corpus
 from data.formats import format_query, load_prompts, load_rankings, load_sft, load_text, split_of
 from model import GPT, GPTConfig
@@ -88,8 +89,25 @@ def test_hh_cli_with_a_single_file_and_max_examples(hh_clone, tmp_path, capsys):
     summary = json.loads((out / "hh_rlhf.json").read_text())
     assert sum(v for k, v in summary["counts"].items() if k.startswith("rankings_")) == 500
     with pytest.raises(SystemExit) as e:  # too few pairs to hold out val and test prompts
-        hh_rlhf.main(["--out", str(out), "--source", str(hh_clone), "--max-examples", "5"])
-    assert e.value.code == 1 and "too few" in capsys.readouterr().err
+        cli(lambda: hh_rlhf.main(["--out", str(out), "--source", str(hh_clone), "--max-examples", "5"]))
+    assert e.value.code == 2 and "too few" in capsys.readouterr().err
+
+
+def test_data_cli_errors_are_one_line(tmp_path, monkeypatch, capsys):
+    """Bad options exit 2, a failed download 1 (config.cli), each with one line on stderr."""
+    monkeypatch.setenv("INSTRUCTGPT_CACHE", str(tmp_path / "cache"))  # nothing leaves tmp_path, even on a bug
+    monkeypatch.setattr(hh_rlhf, "URL", "file:///nonexistent/{subset}/{split}.jsonl.gz")
+    monkeypatch.setattr(text_corpus, "URL", "file:///nonexistent/input.txt")
+    for argv, expected in ((["--out", str(tmp_path), "--subsets", "helpful-base,poetry"], "helpful-online"),
+                           (["--subsets", "helpful-base"], "--out")):  # a wrong subset lists the choices
+        with pytest.raises(SystemExit) as e:
+            hh_rlhf.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and expected in err, err
+    with pytest.raises(SystemExit) as e:
+        cli(lambda: text_corpus.main(["--out", str(tmp_path / "text")]))
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.startswith("error: could not download") and err.count("\n") == 1, err
 
 
 def test_hh_download_goes_through_the_cache(hh_clone, tmp_path, monkeypatch):
@@ -102,7 +120,7 @@ def test_hh_download_goes_through_the_cache(hh_clone, tmp_path, monkeypatch):
     assert files[0].read_bytes() == (hh_clone / "helpful-base" / "train.jsonl.gz").read_bytes()
     monkeypatch.setattr(hh_rlhf, "URL", "file:///nonexistent/{subset}/{split}.jsonl.gz")
     assert hh_rlhf.source_files(None, ["helpful-base"]) == files  # cached: no second download
-    with pytest.raises(RuntimeError, match="could not download .* pass --source"):
+    with pytest.raises(ConnectionError, match="could not download .* pass --source"):
         hh_rlhf.source_files(None, ["harmless-base"])
     assert not list((tmp_path / "cache").rglob("*.part"))
 

@@ -21,8 +21,9 @@ import pytest
 import torch
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
-from common import (Dist, Interrupt, atomic_save, encode_example, load_checkpoint, model_from_checkpoint,
-                    save_checkpoint)
+from common import Dist, atomic_save, load_checkpoint, model_from_checkpoint, save_checkpoint
+from data.batches import encode_example
+from reliability import Interrupt
 from data.formats import DataError, load_prompts, load_rankings, load_samples, load_sft, load_text
 from data.tokenizer import get_tokenizer
 from model import GPT, GPTConfig
@@ -144,7 +145,7 @@ PPO_TINY = ["--sft", "sft.pt", "--rm", "rm.pt", "--prompts", "prompts.jsonl", "-
 def test_ppo_resume_equals_uninterrupted_run(tmp_path):
     write_tiny_policy_and_rm(tmp_path)
     write_tiny_data(tmp_path)
-    # everything --resume must restore: adaptive beta, the EMA, the sampling generator, ptx windows, warmup
+    # everything --resume must restore: adaptive kl_coef, the EMA, the sampling generator, ptx windows, warmup
     args = [ROOT / "ppo.py", *PPO_TINY, "--adaptive-kl", "--kl-target", "0.1", "--kl-horizon", "50",
             "--ema-decay", "0.5", "--ptx-data", "text.txt", "--ptx-coef", "0.5", "--ptx-seq-len", "32",
             "--ptx-batch-size", "2", "--warmup-iters", "4", "--lr", "1e-3", "--sample-interval", "1000"]
@@ -153,7 +154,7 @@ def test_ppo_resume_equals_uninterrupted_run(tmp_path):
     finish(start([*args, "--total-episodes", "40", "--out-dir", "parts", "--resume"], tmp_path))
     err = finish(whole)
     assert "1 of 9 examples truncated" in err
-    for key in ("score", "kl", "beta", "pg_loss", "vf_loss", "ptx_loss", "entropy"):
+    for key in ("score", "kl", "kl_coef", "pg_loss", "vf_loss", "ptx_loss", "entropy"):
         a, b = metrics(tmp_path / "whole" / "metrics.jsonl", key), metrics(tmp_path / "parts" / "metrics.jsonl", key)
         assert len(a) == 5 and b == pytest.approx(a, rel=1e-5, abs=1e-6), key
     whole, parts = load_checkpoint(tmp_path / "whole" / "ckpt.pt"), load_checkpoint(tmp_path / "parts" / "ckpt.pt")
@@ -234,7 +235,7 @@ def test_config_errors_are_one_line_and_exit_code_2(tmp_path):
         "world size": (["sft.py", "--text-data", "text.txt", "--batch-size", "8", "--micro-batch-size", "4"],
                        "multiple of --micro-batch-size x processes", {"WORLD_SIZE": "3"}),  # no RANK: no process group
         "context": (["ppo.py", *PPO_TINY, "--max-new-tokens", "64"], "leaves no room for the prompt", {}),
-        "beta": (["ppo.py", *PPO_TINY, "--kl-coef", "-0.1"], "must be >= 0", {}),
+        "kl_coef": (["ppo.py", *PPO_TINY, "--kl-coef", "-0.1"], "must be >= 0", {}),
         "cut-off answers": (["ppo.py", *PPO_TINY, "--sft", "sft_long.pt"],
                             "--max-new-tokens 8 is shorter than the longest demonstration sft_long.pt learnt (20", {}),
         "cut-off answers (evaluate)": (["evaluate.py", "--sft", "sft_long.pt", "--rm", "rm.pt", "--prompts",
@@ -276,7 +277,7 @@ def run_cli(script, argv, monkeypatch, capsys):
     """(exit code, stderr) of a script's main() run in this process through common.cli: fast, for the
     error paths that end before any work."""
     import importlib
-    from common import cli
+    from config import cli
     monkeypatch.setattr(sys, "argv", [script, *map(str, argv)])
     with pytest.raises(SystemExit) as e:
         cli(importlib.import_module(script.removesuffix(".py")).main)
@@ -320,7 +321,7 @@ def test_bad_checkpoints_are_one_line_and_exit_code_2(tmp_path, monkeypatch, cap
 
 def test_training_state_loads_without_pickle(tmp_path):
     """What --resume saves (optimiser moments, RNG states of torch, Python, NumPy, generators) is plain data."""
-    from common import training_state
+    from reliability import training_state
     model = GPT(GPTConfig(block_size=16, vocab_size=20, n_layer=1, n_head=2, n_embd=8))
     opt = torch.optim.AdamW(model.parameters())
     model(torch.randint(0, 20, (2, 8)), torch.randint(0, 20, (2, 8)))[1].backward()

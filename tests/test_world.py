@@ -1,7 +1,10 @@
 """The built-in world: deterministic, fast, disjoint splits, valid files, calibrated labelers."""
 import json
 import random
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -157,6 +160,20 @@ def test_cli_help_and_bad_options(capsys):
             main(bad)
         assert e.value.code == 2
     assert "poetry" in capsys.readouterr().err
+
+
+def test_rank_command_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:  # --samples and --out are required
+        main(["rank", "--out", str(tmp_path / "ranked.jsonl")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "--samples" in err
+    # Through the real command line (config.cli): nothing to rank is a ValueError, one line and exit code 2.
+    write_jsonl(tmp_path / "samples.jsonl", [{"prompt": "Reverse the word stone.", "responses": ["enots.", "enots."]}])
+    res = subprocess.run([sys.executable, "-m", "data.world", "rank", "--samples", str(tmp_path / "samples.jsonl"),
+                          "--out", str(tmp_path / "ranked.jsonl")], cwd=Path(__file__).resolve().parent.parent,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and res.stderr.startswith("error: ") and res.stderr.count("\n") == 1, res.stderr
+    assert "no prompt has 2 distinct" in res.stderr and not (tmp_path / "ranked.jsonl").exists()
 
 
 def test_answers_are_not_dominated_by_one_value():

@@ -1,0 +1,143 @@
+"""The parts of a training loop that keep a run safe, gathered here so that the stage scripts read as their
+algorithm (skip this file on a first read):
+
+- preflight: missing inputs and an unwritable --out-dir are found before minutes of loading;
+- training_state / resume_training: --resume continues an interrupted run exactly where it stopped;
+- Interrupt: a first Ctrl-C finishes the step, saves the state and exits with code 130;
+- NonFiniteGuard: a NaN/inf step is skipped, too many in a row stop the run.
+"""
+import os
+import signal
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+
+def preflight(out_dir, inputs, resume=False):
+    """Catch the mistakes that would otherwise surface after minutes of loading: a missing input file
+    (inputs: {flag: path or None}), an output directory that cannot be written, --resume with nothing to
+    resume. Raises FileNotFoundError/ValueError: one line and exit code 2 through cli()."""
+    for flag, path in inputs.items():
+        if path and not Path(path).exists():
+            raise FileNotFoundError(f"{flag} {path}: no such file or directory")
+    try:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as e:
+        raise ValueError(f"--out-dir {out_dir} is not a writable directory ({e.strerror}); choose another") from None
+    if resume and not (Path(out_dir) / "ckpt.pt").is_file():
+        raise FileNotFoundError(f"--resume: no {Path(out_dir) / 'ckpt.pt'} to continue from; run without --resume")
+
+
+def training_state(d, optimizers, generators=()):
+    """What --resume needs besides the weights: the optimisers' moments and torch's RNG states (the data
+    order follows from the step alone). Tensors and plain values only, so that it loads with
+    weights_only=True. `generators` are the ones every process keeps alike (PPO's sampler)."""
+    rng = {"torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state(d.device) if d.device_type == "cuda" else None,
+           "generators": [g.get_state() for g in generators]}
+    return {"optimizers": [opt.state_dict() for opt in optimizers], "rng": rng}
+
+
+def resume_training(ckpt, cfg, max_iters, d, log, optimizers, generators=()):
+    """Restore an interrupted run's optimisers and RNGs from its checkpoint (its weights are already in the
+    models), drop the metrics it logged after that save, and return the step to continue from."""
+    path = Path(cfg.out_dir) / "ckpt.pt"
+    if "optimizers" not in ckpt:
+        raise ValueError(f"--resume: {path} holds weights but no training state; run without --resume")
+    if ckpt["iter"] >= max_iters:
+        raise ValueError(f"--resume: {path} has finished all {max_iters} steps; raise --max-iters to train on")
+    changed = sorted(k for k, v in ckpt["config"].items() if k != "resume" and getattr(cfg, k, v) != v)
+    if changed and d.master:
+        print(f"warning: resuming with settings changed since the checkpoint: {', '.join(changed)}", file=sys.stderr)
+    for opt, state in zip(optimizers, ckpt["optimizers"], strict=True):
+        opt.load_state_dict(state)
+    rng = ckpt["rng"]
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and d.device_type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], d.device)
+    for g, state in zip(generators, rng["generators"], strict=True):
+        g.set_state(state)
+    log.forget_from(ckpt["iter"])
+    if d.master:
+        print(f"resuming {path} at step {ckpt['iter']} of {max_iters}")
+    return ckpt["iter"]
+
+
+class Interrupt:
+    """Ctrl-C for a training loop. The first SIGINT lets the current step finish; the loop then ends, the
+    stage saves its training state as at the end of a run, and exits with code 130 (not 0: `set -e` scripts
+    such as train.sh stop instead of starting the next stage on a half-trained model). A second SIGINT
+    aborts at once (KeyboardInterrupt) without saving."""
+
+    def __init__(self, d):
+        self.d, self.requested, self.done, self.total = d, False, 0, 0
+        signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _on_sigint(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        # os.write, not print: a signal handler may interrupt a print in progress
+        os.write(2, b"\nCtrl-C: finishing this step, then saving the training state (Ctrl-C again aborts)\n")
+
+    def steps(self, start, stop):
+        """range(start, stop) that ends after the step during which Ctrl-C came; self.done counts the
+        steps completed."""
+        self.done, self.total = start, stop
+        for it in range(start, stop):
+            yield it
+            self.done = it + 1
+            if self.d.ddp:  # every rank stops after the same step, or the next collective would hang
+                flag = torch.tensor(float(self.requested), device=self.d.device)
+                self.requested = self.d.all_reduce_mean(flag).item() > 0
+            if self.requested:
+                return
+
+    def exit_if_requested(self, out_dir):
+        if self.requested:
+            if self.d.master:
+                print(f"stopped by Ctrl-C after step {self.done} of {self.total}; the training state is in "
+                      f"{out_dir}/ckpt.pt: the same command with --resume continues", file=sys.stderr)
+            sys.exit(130)
+
+
+class TrainingDiverged(FloatingPointError):
+    """Too many non-finite steps in a row: the run stops without saving (exit code 1 through config.cli)."""
+
+
+class NonFiniteGuard:
+    """Skips optimiser steps whose loss or gradient norm is NaN or inf: one bad batch (an overflow, a broken
+    example) then costs a step instead of poisoning the weights and Adam's moments. max_bad such steps in a
+    row stop the run (TrainingDiverged, exit code 1), since a learning rate that is too high makes every
+    step non-finite; the last checkpoint is left as it was."""
+
+    def __init__(self, max_bad, d):
+        self.max_bad, self.d, self.in_a_row, self.skipped = max_bad, d, 0, 0
+
+    def ok(self, step, *values):
+        """True when the optimiser may step: every value (losses, gradient norms) is finite on every rank."""
+        finite = torch.stack([torch.isfinite(v.detach().float()).all() for v in values]).all().float()
+        if self.d.all_reduce_mean(finite).item() == 1.0:
+            self.in_a_row = 0
+            return True
+        self.in_a_row += 1
+        self.skipped += 1
+        if self.d.master:
+            shown = ", ".join(f"{v.detach().float().sum().item():.3g}" for v in values)
+            tqdm.write(f"warning: step {step}: non-finite loss or gradient norm ({shown}): optimiser step skipped "
+                       f"({self.skipped} skipped so far)", file=sys.stderr)
+        if self.in_a_row >= self.max_bad:
+            raise TrainingDiverged(
+                f"step {step}: loss or gradient norm NaN/inf in {self.in_a_row} steps in a row, so the run stops "
+                "unsaved; the learning rate is likely too high (lower --lr, add --warmup-iters, keep --grad-clip) "
+                "or the data has a broken example; --resume continues from the last saved state")
+        return False
+
+    def stats(self):
+        """{"skipped_steps": n} for the log once any step was skipped."""
+        return {"skipped_steps": self.skipped} if self.skipped else {}
