@@ -7,7 +7,7 @@ configure_optimizers, estimate_mfu, from_pretrained) with what RLHF adds:
   prompt gives exactly the logits it gives alone;
 - a scalar head (config.head = "scalar"): the reward model and the value model, one number per position;
 - generate() with a KV cache, batched prompts of different lengths, top-k / top-p, per-row end-of-text.
-Attention is written out by hand (q @ k^T / sqrt(d), mask, softmax, @ v); torch.compile fuses it on CUDA.
+attention() is written out by hand (q @ k^T / sqrt(d), mask, softmax, @ v); torch.compile fuses it on CUDA.
 """
 import json
 import math
@@ -107,10 +107,9 @@ class KVCache:
         self.k, self.v = self.k[rows], self.v[rows]
 
     def append(self, k, v):
-        T = k.size(2)
-        self.k[:, :, self.len:self.len + T] = k
-        self.v[:, :, self.len:self.len + T] = v
-        self.len += T
+        end = self.len + k.size(2)
+        self.k[:, :, self.len:end], self.v[:, :, self.len:end] = k, v
+        self.len = end
         return self.k[:, :, :self.len], self.v[:, :, :self.len]
 
 
@@ -126,8 +125,8 @@ def logprobs_from_logits(logits, tokens):
 
 
 def forward_response(model, seq, attn, n_query, temperature):
-    """Per response token: the log-probs under `model` and its logits, from one forward pass. Position
-    n_query - 1 + t predicts response token t."""
+    """Per response token, from one forward pass: log-probs under `model` and logits (position n_query-1+t
+    predicts response token t). `model` may be DDP-wrapped, hence a function and not a method."""
     logits, _ = model(seq, attention_mask=attn)
     logits = logits[:, n_query - 1:-1].float() / temperature  # (B, R, V)
     return logprobs_from_logits(logits, seq[:, n_query:]), logits
