@@ -251,6 +251,16 @@ def load_rl_models(cfg, d):
     return policy, ref_policy, reward_model, value_model, ema, get_tokenizer(sft_ckpt["tokenizer"]), resumed
 
 
+def prepare_model(model, cfg, d):
+    """The model on the device, with gradient checkpointing and torch.compile as configured; returns it and
+    the handle to train through (the model inside DistributedDataParallel under torchrun, else itself)."""
+    model.to(d.device)
+    model.gradient_checkpointing = cfg.grad_checkpointing
+    if cfg.compile:
+        model.compile()
+    return model, d.wrap(model)
+
+
 @torch.no_grad()
 def update_ema(ema, model, decay):
     """One step of an exponential moving average of a model's weights: ema += (1 - decay) * (w - ema)."""

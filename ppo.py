@@ -71,7 +71,8 @@ class PPOConfig(RunConfig):
 
     def __post_init__(self):
         if self.batch_size % self.minibatch_size:
-            raise ValueError(f"--batch-size {self.batch_size} is not a multiple of --minibatch-size {self.minibatch_size}")
+            raise ValueError(f"--batch-size {self.batch_size} is not a multiple of --minibatch-size "
+                             f"{self.minibatch_size}")
         if self.kl_coef < 0 or self.ptx_coef < 0:
             raise ValueError("--kl-coef and --ptx-coef must be >= 0")
         if self.temperature <= 0:
@@ -198,7 +199,10 @@ def masked_whiten(x, mask, d):
 def ppo_losses(new_logprobs, old_logprobs, advantages, vpred, old_values, returns, mask, cfg, n_tokens=None):
     """The clipped surrogate and the clipped value loss (Schulman et al. 2017), means per response token:
         pg_loss = E[ max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)) ],  ratio = pi(y_t) / pi_old(y_t)
-        vf_loss = 0.5 * E[ max((V - R)^2, (V_old + clip(V - V_old, -eps_v, eps_v) - R)^2) ]"""
+        vf_loss = 0.5 * E[ max((V - R)^2, (V_old + clip(V - V_old, -eps_v, eps_v) - R)^2) ]
+    eps = cfg.cliprange, eps_v = cfg.cliprange_value; all tensors (B, R). The means divide by n_tokens when
+    given (the global token count under DDP), else by mask.sum(). Returns pg_loss, vf_loss and the stats
+    {approx_kl, clipfrac, vf_clipfrac}: means over this process's tokens."""
     ratio = torch.exp(new_logprobs - old_logprobs)
     pg_losses = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - cfg.cliprange, 1 + cfg.cliprange))
     pg_loss = masked_mean(pg_losses, mask, n_tokens)
@@ -389,12 +393,7 @@ def main():
         if cfg.save_interval and (it + 1) % cfg.save_interval == 0 and it + 1 < n_iters:
             save(it + 1)
 
-    save(interrupt.done)
-    if d.master:
-        print(f"saved {cfg.out_dir}/ckpt.pt{d.peak_memory()}")
-    d.close()
-    interrupt.exit_if_requested(cfg.out_dir)
-
+    interrupt.finish(save, cfg.out_dir)
 
 if __name__ == "__main__":
     cli(main)

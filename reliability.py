@@ -98,6 +98,15 @@ class Interrupt:
             if self.requested:
                 return
 
+    def finish(self, save, out_dir):
+        """The end of a stage: save (after Ctrl-C too: the state to --resume from), say where, close DDP,
+        and exit with code 130 when Ctrl-C stopped the run."""
+        save(self.done)
+        if self.d.master:
+            print(f"saved {out_dir}/ckpt.pt{self.d.peak_memory()}")
+        self.d.close()
+        self.exit_if_requested(out_dir)
+
     def exit_if_requested(self, out_dir):
         if self.requested:
             if self.d.master:

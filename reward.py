@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import RunConfig, Dist, RunLog, cosine_lr, load_model, save_checkpoint, set_seed
+from common import Dist, RunConfig, RunLog, cosine_lr, load_model, prepare_model, save_checkpoint, set_seed
 from config import cli, parse_config
 from data.batches import encode_example, pad_right, shuffled_indices, warn_counts
 from data.formats import load_rankings, load_sft
@@ -73,7 +73,8 @@ def better_than(ranking, K):
 def ranking_loss(rewards, better):
     """The paper's RM loss for each prompt, all its C(K,2) comparisons at once:
         loss = -1/C(K,2) * sum_{(y_w, y_l)} log sigmoid(r(x, y_w) - r(x, y_l))
-    rewards (P, K) and better (P, K, K) as from better_than (padded prompts have no True). Returns (P,)."""
+    rewards (P, K) and better (P, K, K) as from better_than (padded response slots have no True; a prompt
+    without comparisons gets 0). Returns (P,)."""
     diff = rewards[:, :, None] - rewards[:, None, :]  # (P, K, K): r_i - r_j
     pair_losses = -F.logsigmoid(diff) * better
     return pair_losses.sum(dim=(1, 2)) / better.sum(dim=(1, 2)).clamp(min=1)
@@ -201,11 +202,7 @@ def main():
     tokenizer, model, ckpt = load_model(init, "scalar", cfg.dropout)
     tok = get_tokenizer(tokenizer)
     seq_len = min(cfg.seq_len, model.config.block_size)
-    model.to(d.device)
-    model.gradient_checkpointing = cfg.grad_checkpointing
-    if cfg.compile:
-        model.compile()
-    ddp_model = d.wrap(model)
+    model, ddp_model = prepare_model(model, cfg, d)
     train = encode_rankings(cfg.data, tok, seq_len)
     val = encode_rankings(cfg.val_data, tok, seq_len) if cfg.val_data else []
     max_iters = cfg.max_iters or max(1, round(cfg.epochs * len(train) / cfg.batch_size))
@@ -249,12 +246,7 @@ def main():
         normalise(model, tok, cfg, d, seq_len)
     if val and finished and d.master:
         log.log(max_iters, **validation_accuracy(model, val, cfg, d))
-    save(interrupt.done)
-    if d.master:
-        print(f"saved {cfg.out_dir}/ckpt.pt{d.peak_memory()}")
-    d.close()
-    interrupt.exit_if_requested(cfg.out_dir)
-
+    interrupt.finish(save, cfg.out_dir)
 
 if __name__ == "__main__":
     cli(main)

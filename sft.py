@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from common import RunConfig, Dist, RunLog, cosine_lr, load_model, save_checkpoint, set_seed
+from common import Dist, RunConfig, RunLog, cosine_lr, load_model, prepare_model, save_checkpoint, set_seed
 from config import cli, parse_config
 from data.batches import encode_example, pad_right, shuffled_indices, text_windows, val_windows, warn_counts
 from data.formats import load_sft, load_text
@@ -95,7 +95,8 @@ class Batches:
     def __call__(self, it):
         batch = []
         if self.n_sft:
-            batch += [self.examples[i] for i in shuffled_indices(len(self.examples), it * self.n_sft, self.n_sft, self.seed)]
+            order = shuffled_indices(len(self.examples), it * self.n_sft, self.n_sft, self.seed)
+            batch += [self.examples[i] for i in order]
         if self.n_text:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + it)
             batch += text_windows(self.text, self.n_text, self.seq_len, g)
@@ -107,7 +108,7 @@ def loss_mask(targets, n_query):
     """(B, T) True on the targets the SFT loss counts: the response and its end-of-text, i.e. target
     positions >= n_query - 1 (position t predicts token t + 1), and never padding (target -1). Pretraining
     text has n_query = 0: every token counts. targets (B, T), n_query (B,)."""
-    pos = torch.arange(targets.size(1)).unsqueeze(0)  # (1, T)
+    pos = torch.arange(targets.size(1), device=targets.device).unsqueeze(0)  # (1, T)
     return (pos >= n_query.unsqueeze(1) - 1) & (targets >= 0)
 
 
@@ -188,11 +189,7 @@ def main():
         tokenizer, model, ckpt = load_model(init, "lm", cfg.dropout, kind="lm")
     tok = get_tokenizer(tokenizer)
     seq_len = min(cfg.seq_len, model.config.block_size)
-    model.to(d.device)
-    model.gradient_checkpointing = cfg.grad_checkpointing
-    if cfg.compile:
-        model.compile()
-    ddp_model = d.wrap(model)
+    model, ddp_model = prepare_model(model, cfg, d)
     if d.master:
         print(f"model: {model.get_num_params() / 1e6:.2f}M parameters, tokenizer {tokenizer}, "
               f"device {d.device}, {d.world_size} process(es)")
@@ -243,13 +240,8 @@ def main():
         if cfg.save_interval and (it + 1) % cfg.save_interval == 0 and it + 1 < max_iters:
             save(it + 1)
 
-    # -- save (after Ctrl-C too: the state to --resume from)
-    save(interrupt.done)
-    if d.master:
-        print(f"saved {cfg.out_dir}/ckpt.pt{d.peak_memory()}")
-    d.close()
-    interrupt.exit_if_requested(cfg.out_dir)
-
+    # -- save (after Ctrl-C too: the state to --resume from), then exit
+    interrupt.finish(save, cfg.out_dir)
 
 if __name__ == "__main__":
     cli(main)

@@ -1,0 +1,80 @@
+"""assignment.py checked three ways: in the student copy it writes every exercise test fails (and the rest of the
+suite still imports), and with the reference bodies put back every exercise test passes again: the stubs, the
+tests and the reference agree."""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import assignment
+
+ROOT = Path(__file__).resolve().parent.parent
+EXERCISES = ["attention", "sft_loss_mask", "ranking_loss", "kl_rewards", "gae", "ppo_losses", "ptx_loss", "adaptive_kl"]
+
+
+def run(args, cwd):
+    """A command in a subprocess on one thread; COLUMNS keeps pytest's one-line failure reasons whole."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "300"}
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def pytest_counts(res):
+    """{"passed": n, "failed": n, ...} from the summary line of a pytest run."""
+    summary = res.stdout.splitlines()[-1] if res.stdout else ""
+    return {kind: int(n) for n, kind in re.findall(r"(\d+) (passed|failed|errors?|skipped|deselected)", summary)}
+
+
+def test_student_copy_fails_every_exercise_test_and_the_reference_passes_them(tmp_path):
+    if any("NotImplementedError" in "".join(body) for body in assignment.reference_bodies(ROOT).values()):
+        pytest.skip("this is a student copy with exercises left: the check needs the reference bodies")
+    student = tmp_path / "student"
+    exercise_tests = ["-m", "pytest", "-q", "-rf", "-p", "no:cacheprovider", "tests/test_assignments.py"]
+
+    # (a) the student copy: the same files; the marked functions' bodies are the stub, all else is unchanged
+    res = run(["assignment.py", "--out", str(student)], ROOT)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "8 exercises stubbed" in res.stdout, res.stdout
+    files = list(assignment.repo_files(ROOT))
+    assert list(assignment.repo_files(student)) == files
+    stubbed = []
+    for rel in files:
+        original, copy = (ROOT / rel).read_bytes(), (student / rel).read_bytes()
+        marked = assignment.exercises(original.decode(), rel) if rel.suffix == ".py" else {}
+        if not marked:
+            assert copy == original, f"{rel} is not marked but changed"
+            continue
+        lines = copy.decode().splitlines(keepends=True)
+        for name, (first, last, indent) in assignment.exercises(copy.decode(), rel).items():
+            assert lines[first:last + 1] == [f'{indent}raise NotImplementedError("exercise {name}: '
+                                             f'see docs/assignments.md")\n'], (rel, name)
+            reference = original.decode().splitlines(keepends=True)[marked[name][0]:marked[name][1] + 1]
+            assert "".join(reference) not in copy.decode(), f"the reference body of {name} is in the copy"
+            stubbed.append(name)
+    assert sorted(stubbed) == sorted(EXERCISES)
+    again = run(["assignment.py", "--out", str(student)], ROOT)  # a copy never overwrites a directory
+    assert again.returncode == 2 and again.stderr.count("\n") == 1, again.stderr
+
+    # (b) in the copy, every exercise test fails, each on its own exercise's NotImplementedError
+    res = run(exercise_tests, student)
+    counts = pytest_counts(res)
+    assert counts.get("failed", 0) > 0 and set(counts) == {"failed"}, res.stdout[-3000:]
+    failures = [line for line in res.stdout.splitlines() if line.startswith("FAILED ")]
+    assert len(failures) == counts["failed"]
+    for name in EXERCISES:
+        mine = [line for line in failures if f"::test_{name}_" in line]
+        assert mine, f"no failing test of exercise {name}"
+        assert all(f"NotImplementedError: exercise {name}:" in line for line in mine), mine
+
+    # (c) in the copy, the rest of the suite still imports
+    res = run(["-m", "pytest", "-q", "--collect-only", "-p", "no:cacheprovider", "tests"], student)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+
+    # (d) with the reference bodies put back, the copy is the repository again and every exercise test passes
+    assert sorted(assignment.insert_reference(ROOT, student)) == sorted(EXERCISES)
+    for rel in files:
+        assert (student / rel).read_bytes() == (ROOT / rel).read_bytes(), rel
+    res = run(exercise_tests, student)
+    assert res.returncode == 0 and pytest_counts(res) == {"passed": counts["failed"]}, res.stdout[-3000:]
