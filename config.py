@@ -2,7 +2,7 @@
 
 A field `lr: float = 3e-4  # peak learning rate` becomes `--lr` with that default and that help text; a
 bool becomes --flag / --no-flag; `str | None = None` an optional path; a field without a default a
-required option. __post_init__ checks the values, and its ValueError is an argparse error. This module
+required option; `path: list[str]` one or more positional arguments (PATH [PATH ...]). __post_init__ checks the values, and its ValueError is an argparse error. This module
 imports nothing of the project, so every script, data/ included, can use it.
 """
 import argparse
@@ -50,7 +50,10 @@ def parse_config(cls, argv=None, prog=None, epilog=None):
         name = "--" + f.name.replace("_", "-")
         help_text = comments.get(f.name, " ").replace("%", "%%")  # argparse formats help with %
         required = f.default is dataclasses.MISSING
-        if kind is bool:
+        if typing.get_origin(kind) is list:  # `paths: list[str]  # ...`: one or more positional arguments
+            parser.add_argument(f.name, nargs="+", type=typing.get_args(kind)[0], metavar=f.name.upper(),
+                                help=help_text)
+        elif kind is bool:
             parser.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
         elif required:
             parser.add_argument(name, type=kind, required=True, help=help_text, dest=f.name)

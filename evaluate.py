@@ -427,6 +427,11 @@ def plot_win_rates(report, out_dir):
     return out_dir / "winrate.png"
 
 
+@dataclass
+class SeedsConfig:
+    report: list[str]  # report.json of each run (runs/seed0/eval/report.json ...), two or more
+
+
 def summarise_seeds(paths):
     """Mean and spread over runs with different seeds: the table of `bash train.sh seeds`."""
     reports = [json.loads(Path(p).read_text()) for p in paths]
@@ -454,9 +459,10 @@ def summarise_seeds(paths):
 def main():
     # python evaluate.py seeds REPORT.json ...: the mean and spread of several runs' reports
     if sys.argv[1:2] == ["seeds"]:
-        if len(sys.argv) < 4:
-            raise ValueError("usage: python evaluate.py seeds runs/seed0/eval/report.json runs/seed1/... (two or more)")
-        print(summarise_seeds(sys.argv[2:]), end="")
+        reports = parse_config(SeedsConfig, sys.argv[2:], prog="python evaluate.py seeds").report
+        if len(reports) < 2:
+            raise ValueError("evaluate.py seeds needs two or more report.json files (runs/seed0/eval/report.json ...)")
+        print(summarise_seeds(reports), end="")
         return
     # -- config and setup
     cfg = parse_config(EvalConfig)

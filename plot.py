@@ -19,9 +19,10 @@ import io
 import json
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-from config import Parser, cli
+from config import cli, parse_config
 from data.formats import write_bytes, write_text
 
 SPARKS = "▁▂▃▄▅▆▇█"
@@ -207,13 +208,15 @@ def plot_run(metrics_path):
     return written + [png] if png else written
 
 
+@dataclass
+class PlotConfig:
+    path: list[str]  # run directories (searched recursively for metrics.jsonl) or metrics.jsonl files
+
+
 def main(argv=None):
-    parser = Parser(description=__doc__.split("\n")[0])
-    parser.add_argument("paths", nargs="+", metavar="PATH",
-                        help="run directories (searched recursively for metrics.jsonl) or metrics.jsonl files")
-    args = parser.parse_args(argv)
+    args = parse_config(PlotConfig, argv)
     written = []
-    for path in find_metrics(args.paths):
+    for path in find_metrics(args.path):
         for out in plot_run(path):
             print(f"wrote {out}")
             written.append(out)
