@@ -2,8 +2,9 @@
 
 A field `lr: float = 3e-4  # peak learning rate` becomes `--lr` with that default and that help text; a
 bool becomes --flag / --no-flag; `str | None = None` an optional path; a field without a default a
-required option; `path: list[str]` one or more positional arguments (PATH [PATH ...]). __post_init__ checks the values, and its ValueError is an argparse error. This module
-imports nothing of the project, so every script, data/ included, can use it.
+required option; `path: list[str]` one or more positional arguments (PATH [PATH ...]). __post_init__
+checks the values, and its ValueError is an argparse error. This module imports nothing of the project, so
+every script, data/ included, can use it.
 """
 import argparse
 import dataclasses

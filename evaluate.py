@@ -486,7 +486,7 @@ def main():
     if max_query < 1:
         raise ValueError(f"--max-new-tokens {cfg.max_new_tokens} leaves no room for the prompt in "
                          f"block_size {sft.config.block_size}")
-    queries = encode_queries(tok, prompts, max_query)
+    queries = encode_queries(tok, prompts, max_query, source=cfg.prompts)
     if cfg.judge == "gold" and (bad := next((p for p in prompts if parse_prompt(p) is None), None)):
         raise ValueError(f"--prompts {cfg.prompts}: {bad[:60]!r} is not a prompt of the built-in world; "
                          "the gold judge knows only those (use --judge rm)")

@@ -138,7 +138,7 @@ head = load_file($path + "/score_head.safetensors")  # score.weight (1, C), scor
 
 
 def reward(prompt, response):
-    # r(x, y) is read at the response's last token, its end-of-text (reward.py: rm_scores)
+    # r(x, y) is read at the response's last token, its end-of-text (model.py: GPT.score)
     ids = encode("\n\nHuman: " + prompt + "\n\nAssistant:") + encode(" " + response) + [$eot]
     with torch.no_grad():
         h = trunk(torch.tensor([ids])).last_hidden_state[0, -1]  # (C,), after the final layer norm
@@ -198,9 +198,9 @@ def main(argv=None):
     check_out(out)
     ckpt = load_checkpoint(cfg.ckpt)
     if cfg.value_model:  # PPO saves its value model (a scalar head on the RM's trunk) next to the policy
-        if "value_model" not in ckpt:
+        if "value_model_config" not in ckpt:
             raise ValueError(f"--value-model: {cfg.ckpt} holds no value model (only ppo.py's checkpoints do)")
-        ckpt = {**ckpt, "model": ckpt["value_model"], "model_config": {**ckpt["model_config"], "head": "scalar"}}
+        ckpt = {**ckpt, "model": ckpt["value_model"], "model_config": ckpt["value_model_config"]}
     model = model_from_checkpoint(ckpt).eval()
     c, tokenizer = model.config, ckpt["tokenizer"]
     eot, pad = special_ids(tokenizer)
@@ -208,7 +208,7 @@ def main(argv=None):
     architecture = "GPT2LMHeadModel" if lm else "GPT2Model"
     # transformers' own layouts: GPT2LMHeadModel saves "transformer."-prefixed names, GPT2Model bare ones
     tensors = gpt2_tensors(model, prefix="transformer." if lm else "")
-    # all but the weights and the training state (optimisers, RNGs): tokenizer, configs, step, PPO's beta
+    # all but the weights and the training state (optimisers, RNGs): tokenizer, configs, step, PPO's kl_coef
     meta = {k: v for k, v in ckpt.items() if k in ("model_config", "config") or isinstance(v, (str, int, float))}
     with staging(out) as tmp:
         write_safetensors(tmp / "model.safetensors", tensors)

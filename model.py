@@ -124,17 +124,17 @@ def logprobs_from_logits(logits, tokens):
     return torch.gather(logp, -1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
-def forward_response(model, seq, attn, n_query, temperature):
+def forward_response(model, seq, attention_mask, n_query, temperature):
     """Per response token, from one forward pass: log-probs under `model` and logits (position n_query-1+t
     predicts response token t). `model` may be DDP-wrapped, hence a function and not a method."""
-    logits, _ = model(seq, attention_mask=attn)
+    logits, _ = model(seq, attention_mask=attention_mask)
     logits = logits[:, n_query - 1:-1].float() / temperature  # (B, R, V)
     return logprobs_from_logits(logits, seq[:, n_query:]), logits
 
 
-def value_of_response(value_model, seq, attn, n_query):
+def value_of_response(value_model, seq, attention_mask, n_query):
     """V(state before response token t) for every t: the value head at position n_query - 1 + t."""
-    values, _ = value_model(seq, attention_mask=attn)
+    values, _ = value_model(seq, attention_mask=attention_mask)
     return values[:, n_query - 1:-1].float()  # (B, R)
 
 

@@ -16,11 +16,11 @@ main() runs the paper's loop; each iteration is five functions: 1. rollout, 2. s
 Deviations from the paper (tiny models, minutes on a CPU): batch 64 and minibatch 16 (paper 512 and 64),
 2 PPO epochs per batch (paper 1), minibatches that are fixed slices of the randomly drawn batch (so that N
 processes split each one evenly), and gamma_ptx weighs a mean per token, not a sum (the paper's 27.8). The
-policy's EMA (paper 0.992) is optional and off: over 40 iterations it would mostly average in SFT.
+policy's EMA (paper 0.992) is optional and off: over train.sh's 40 iterations it would average in SFT.
 """
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -110,11 +110,11 @@ def rollout(policy, queries, tok, cfg, d, generator):
                               eos_token_id=tok.eot_token, pad_token_id=tok.pad_token, generator=generator,
                               rows=(torch.arange(d.rank, cfg.batch_size, d.world_size), cfg.batch_size))
     response = seq[:, query.size(1):]  # (B, R)
-    return Rollouts(seq, query.size(1), query_mask, response_mask(response, tok.eot_token),
+    return Rollouts(seq, query.size(1), query_mask, mask_through_eos(response, tok.eot_token),
                     (response == tok.eot_token).any(1))
 
 
-def response_mask(response, eos):
+def mask_through_eos(response, eos):
     """(B, R) 1 on the response's real tokens: everything up to and including the first end-of-text."""
     is_eos = (response == eos).long()
     return ((is_eos.cumsum(1) - is_eos) == 0).long()
@@ -252,13 +252,13 @@ def ppo_update(ddp_policy, ddp_value_model, optimizers, guard, ro, old, it, cfg,
             # log-probs and values do not change)
             lo = int((1 - ro.query_mask[mb]).sum(1).min())
             r = int(ro.response_mask[mb].sum(1).max())
-            mb_seq, mb_attn = ro.seq[mb, lo:ro.n_query + r], ro.attention_mask[mb, lo:ro.n_query + r]
+            mb_seq, mb_attention_mask = ro.seq[mb, lo:ro.n_query + r], ro.attention_mask[mb, lo:ro.n_query + r]
             # means per token over the global minibatch; x world_size undoes DDP's gradient average
             n_tokens = d.all_reduce_mean(mask[mb].sum()) * d.world_size
             with d.autocast():
-                new_logprobs, mb_logits = forward_response(ddp_policy, mb_seq, mb_attn, ro.n_query - lo,
+                new_logprobs, mb_logits = forward_response(ddp_policy, mb_seq, mb_attention_mask, ro.n_query - lo,
                                                            cfg.temperature)
-                vpred = value_of_response(ddp_value_model, mb_seq, mb_attn, ro.n_query - lo)
+                vpred = value_of_response(ddp_value_model, mb_seq, mb_attention_mask, ro.n_query - lo)
             del mb_logits
             pg_loss, vf_loss, st = ppo_losses(new_logprobs, old["logprobs"][mb, :r], old["advantages"][mb, :r],
                                               vpred, old["values"][mb, :r], old["returns"][mb, :r], mask[mb, :r],
@@ -338,20 +338,21 @@ def main():
     ptx_tokens = torch.tensor(tok.encode(load_text(cfg.ptx_data))) if cfg.ptx_data and cfg.ptx_coef > 0 else None
     optimizers = [torch.optim.AdamW(m.parameters(), lr=lr, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.0)
                   for m, lr in ((policy, cfg.lr), (value_model, cfg.vf_lr))]  # separate models and lrs (C.4)
-    kl_ctl = AdaptiveKLController(resumed["kl_coef"] if cfg.resume else cfg.kl_coef, cfg.kl_target,
-                                  cfg.kl_horizon) if cfg.adaptive_kl else None
+    kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl else None
     n_iters = cfg.total_episodes // cfg.batch_size
     sample_gen = torch.Generator(device=d.device if d.device_type == "cuda" else "cpu").manual_seed(cfg.seed)
 
     # -- plumbing (skip on a first read): --resume, saves, Ctrl-C, non-finite steps; see reliability.py
     start = resume_training(resumed, cfg, n_iters, d, log, optimizers, [sample_gen]) if cfg.resume else 0
+    if cfg.resume and kl_ctl is not None:  # where the adaptive kl_coef had got to
+        kl_ctl.kl_coef = resumed.get("kl_coef", kl_ctl.kl_coef)
 
     def save(step):  # the policy for evaluation (its EMA when enabled), the value model, what --resume needs
         extra = {"policy": policy} if ema is not None else {}
         state = training_state(d, optimizers, [sample_gen])
         if d.master:
             save_checkpoint(f"{cfg.out_dir}/ckpt.pt", ema if ema is not None else policy, cfg, tok.name, iter=step,
-                            max_iters=n_iters, value_model=value_model,
+                            max_iters=n_iters, value_model=value_model, value_model_config=asdict(value_model.config),
                             kl_coef=kl_ctl.kl_coef if kl_ctl else cfg.kl_coef, **extra, **state)
     interrupt, guard = Interrupt(d), NonFiniteGuard(cfg.max_bad_steps, d)
     if d.master:
@@ -369,7 +370,7 @@ def main():
         ro = rollout(policy, [queries[i] for i in batch], tok, cfg, d, sample_gen)  # 1. rollout
         t_gen = time.time() - t0
         scores = score(reward_model, ro, cfg, d)  # 2. score
-        logprobs, ref_logprobs, values, exact_kl, entropy = old_logprobs_and_values(
+        logprobs, ref_logprobs, values, exact_kl, entropy = old_logprobs_and_values(  # 3. the KL's log-probs
             policy, ref_policy, value_model, ro, cfg, d)
         mask = ro.response_mask.float()
         rewards, kl, non_score_reward = compute_rewards(scores, logprobs, ref_logprobs, mask, kl_coef)  # 3. rewards

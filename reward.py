@@ -147,7 +147,7 @@ def encode_rankings(path, tok, seq_len):
 
 def train_step(ddp_model, optimizer, guard, batch, it, cfg, d):
     """One optimiser step on a global batch of ranked prompts: whole prompts per batch element, never
-    shuffled-apart pairs. Returns the batch's mean loss (over all processes) and its pairwise accuracy."""
+    shuffled-apart pairs. Returns this process's part of the batch's mean loss, and its pairwise accuracy."""
     mine = batch[d.rank::d.world_size]
     accum = cfg.batch_size // (cfg.micro_batch_size * d.world_size)
     loss_sum, acc_sum = torch.zeros((), device=d.device), 0.0
@@ -166,19 +166,20 @@ def train_step(ddp_model, optimizer, guard, batch, it, cfg, d):
     if guard.ok(it, loss_sum, grad_norm):
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return d.all_reduce_mean(loss_sum).item() * d.world_size, acc_sum / accum
+    return loss_sum, acc_sum / accum
 
 
 @torch.no_grad()
 def normalise(model, tok, cfg, d, seq_len):
     """Rescale the head so that the demonstrations score 0 on average (the paper's bias) with standard
-    deviation 1 (a gain, as lm-human-preferences normalises its RM): beta, the unended score and the value
+    deviation 1 (a gain, as lm-human-preferences normalises its RM): kl_coef, the unended score and the value
     model's targets then have a known size. Folded into the head: r' = (r - mean) / std."""
     stats, records = {}, load_sft(cfg.demo_data)
     demos = [e for r in records if (e := encode_example(tok, r["prompt"], r["response"], seq_len, stats))]
     warn_counts(cfg.demo_data, stats, len(records))
     model.eval()
     with d.autocast():
+        # score_responses takes (query, response) pairs: each demonstration split at its query's end
         r = torch.tensor(score_responses(model, [ids[:n] for ids, n in demos], [ids[n:] for ids, n in demos],
                                          cfg.micro_batch_size * 4))
     mean, std = r.mean().item(), r.std().item()
@@ -234,7 +235,8 @@ def main():
         if it % cfg.log_interval == 0 or it == max_iters - 1:
             dt = (time.time() - t_last) / (it - it_last)  # per step since the last log line
             t_last, it_last = time.time(), it
-            log.log(it, loss=loss, accuracy=accuracy, lr=lr, ms=dt * 1000, **guard.stats())
+            log.log(it, loss=d.all_reduce_mean(loss).item() * d.world_size, accuracy=accuracy, lr=lr,
+                    ms=dt * 1000, **guard.stats())
         if val and d.master and (it % cfg.eval_interval == 0 or it == max_iters - 1):
             log.log(it, **validation_accuracy(model, val, cfg, d))
         if cfg.save_interval and (it + 1) % cfg.save_interval == 0 and it + 1 < max_iters:

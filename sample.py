@@ -76,7 +76,8 @@ def compare(cfg):
         model, tokenizer, _ = load_policy(path, device)
         tokenizers.add(tokenizer)
         tok = get_tokenizer(tokenizer)
-        queries = encode_queries(tok, prompts, model.config.block_size - cfg.max_new_tokens)
+        queries = encode_queries(tok, prompts, model.config.block_size - cfg.max_new_tokens,
+                                 source=cfg.prompts or "--prompt")
         responses = sample_responses(model, queries, tok, cfg.max_new_tokens, cfg.temperature, cfg.batch_size,
                                      make_generator(device, cfg.seed), desc=name)
         answers[name] = [decode_response(tok, r) for r in responses]
@@ -98,7 +99,7 @@ def collect(cfg):
     tok = get_tokenizer(tokenizer)
     rng = random.Random(f"{cfg.seed}/k")
     ks = [rng.randint(cfg.k_min, cfg.k_max) for _ in prompts]  # K ~ uniform on [k_min, k_max] per prompt
-    queries = encode_queries(tok, prompts, model.config.block_size - cfg.max_new_tokens)
+    queries = encode_queries(tok, prompts, model.config.block_size - cfg.max_new_tokens, source=cfg.prompts)
     contexts = [q for q, k in zip(queries, ks) for _ in range(k)]  # each prompt repeated K times, in order
     responses = sample_responses(model, contexts, tok, cfg.max_new_tokens, cfg.temperature, cfg.batch_size,
                                  make_generator(device, cfg.seed), desc="collect")

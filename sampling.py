@@ -44,9 +44,9 @@ def sample_responses(model, contexts, tok, max_new_tokens, temperature, batch_si
     device = next(model.parameters()).device
     responses = []
     for i in tqdm(range(0, len(contexts), batch_size), desc=desc, disable=desc is None, leave=False):
-        idx, mask = pad_left(contexts[i:i + batch_size], tok.pad_token)  # (B, T)
+        idx, attention_mask = pad_left(contexts[i:i + batch_size], tok.pad_token)  # (B, T)
         tokens = model.generate(idx.to(device), max_new_tokens, temperature=temperature,
-                                attention_mask=mask.to(device), eos_token_id=tok.eot_token,
+                                attention_mask=attention_mask.to(device), eos_token_id=tok.eot_token,
                                 pad_token_id=tok.pad_token, generator=generator)
         for row in tokens[:, idx.size(1):].tolist():
             responses.append(row[:row.index(tok.eot_token) + 1] if tok.eot_token in row else row)

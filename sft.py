@@ -129,10 +129,10 @@ def encode_demonstrations(path, tok, seq_len):
 
 
 def train_step(ddp_model, optimizer, guard, batch, it, cfg, d):
-    """One optimiser step on a global batch of (ids, n_query) examples; returns its loss per counted token
-    (over all processes). The loss is normalised by the counted tokens of the whole global batch, so that
+    """One optimiser step on a global batch of (ids, n_query) examples; returns this process's part of the
+    loss per counted token. The loss is normalised by the counted tokens of the whole global batch, so that
     it (and its gradient) is the same however the batch is split over micro-batches and processes."""
-    n_global = sum(len(ids) - max(n_query, 1) for ids, n_query in batch)
+    n_global = sum(len(ids) - max(n_query, 1) for ids, n_query in batch)  # the targets loss_mask counts
     mine = batch[d.rank::d.world_size]
     accum = cfg.batch_size // (cfg.micro_batch_size * d.world_size)
     loss_sum = torch.zeros((), device=d.device)
@@ -150,7 +150,7 @@ def train_step(ddp_model, optimizer, guard, batch, it, cfg, d):
     if guard.ok(it, loss_sum, grad_norm):
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return d.all_reduce_mean(loss_sum).item() * d.world_size
+    return loss_sum
 
 
 @torch.no_grad()
@@ -228,8 +228,8 @@ def main():
         if it % cfg.log_interval == 0 or it == max_iters - 1:
             dt = (time.time() - t_last) / (it - it_last)  # per step since the last log line
             t_last, it_last = time.time(), it
-            log.log(it, loss=loss, lr=lr, ms=dt * 1000, tokens_per_s=sum(len(ids) - 1 for ids, _ in batch) / dt,
-                    **guard.stats())
+            log.log(it, loss=d.all_reduce_mean(loss).item() * d.world_size, lr=lr, ms=dt * 1000,
+                    tokens_per_s=sum(len(ids) - 1 for ids, _ in batch) / dt, **guard.stats())
         if d.master and (val_sft or val_text) and (it % cfg.eval_interval == 0 or it == max_iters - 1):
             metrics = {}
             if val_sft:

@@ -115,7 +115,7 @@ else
   SFT=(--epochs 3 --batch-size 32 --micro-batch-size 32 --lr 1e-3)
   RANK_PROMPTS=()
   RM=(--epochs 1.5 --batch-size 32 --micro-batch-size 16 --lr 1e-4 --eval-interval 1000)
-  PPO=(--total-episodes 2560 --kl-coef 0.3)  # 40 iterations; beta on the RM's normalised scale
+  PPO=(--total-episodes 2560 --kl-coef 0.3)  # 40 iterations; kl_coef on the RM's normalised scale
   EVAL=()
 fi
 

@@ -160,14 +160,14 @@ def test_kl_rewards_match_a_loop_over_tokens():
 
 
 def test_kl_rewards_sum_to_the_papers_objective():
-    """Summed over a response, the rewards are r(x, y) - beta * log(pi_RL(y|x) / pi_SFT(y|x)), the paper's objective."""
-    lengths, R, beta = [4, 2, 6, 6], 6, 0.3
+    """Summed over a response, the rewards are r(x, y) - kl_coef * log(pi_RL(y|x) / pi_SFT(y|x)), the paper's objective."""
+    lengths, R, kl_coef = [4, 2, 6, 6], 6, 0.3
     mask, logprobs, ref_logprobs = response_batch(lengths, R, seed=4)
     scores = torch.tensor([0.7, -2.0, 1.5, 0.0])
-    rewards, _, _ = compute_rewards(scores, logprobs, ref_logprobs, mask, beta)
+    rewards, _, _ = compute_rewards(scores, logprobs, ref_logprobs, mask, kl_coef)
     for b, n in enumerate(lengths):
         log_ratio = logprobs[b, :n].sum().item() - ref_logprobs[b, :n].sum().item()  # log of a product of ratios
-        assert rewards[b].sum().item() == pytest.approx(scores[b].item() - beta * log_ratio, abs=1e-5)
+        assert rewards[b].sum().item() == pytest.approx(scores[b].item() - kl_coef * log_ratio, abs=1e-5)
 
 
 # --- gae (ppo.py compute_gae) ---------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """export.py: a checkpoint exported to the Hugging Face GPT-2 layout gives model.py's outputs in transformers
 (GPT2LMHeadModel; GPT2Model + score_head.safetensors for a scalar head), round-trips through
 GPT.from_pretrained, documents runnable code, and is written whole or not at all."""
+import dataclasses
 import json
 import os
 import re
@@ -179,3 +180,21 @@ def test_cli_one_line_results_and_errors(tmp_path, capsys):
     _, stderr = script.communicate(timeout=120)
     assert script.returncode == 2 and len(stderr.splitlines()) == 1 and "nope.pt" in stderr, stderr
     assert not (tmp_path / "hf2").exists()
+
+
+def test_value_model_of_a_ppo_checkpoint(tmp_path):
+    """--value-model exports the value model that ppo.py saves next to the policy, with its own architecture
+    (here a different width and head count from the policy's), bit-exact; a checkpoint without one is refused."""
+    torch.manual_seed(0)
+    policy = GPT(GPTConfig(**TINY))
+    value_model = GPT(GPTConfig(**{**TINY, "n_embd": 48, "n_head": 3, "head": "scalar"}))
+    save_checkpoint(tmp_path / "ppo.pt", policy, STAGE_CONFIG, "byte", value_model=value_model,
+                    value_model_config=dataclasses.asdict(value_model.config))
+    export.main(["--ckpt", str(tmp_path / "ppo.pt"), "--value-model", "--out", str(tmp_path / "value")])
+    back = GPT.from_pretrained(str(tmp_path / "value"), head="scalar")
+    head = read_safetensors(tmp_path / "value" / "score_head.safetensors")
+    back.score_head.load_state_dict({"weight": head["score.weight"], "bias": head["score.bias"]})
+    assert all(torch.equal(v, back.state_dict()[k]) for k, v in value_model.state_dict().items())
+    save_checkpoint(tmp_path / "sft.pt", policy, STAGE_CONFIG, "byte")
+    with pytest.raises(ValueError, match="holds no value model"):
+        export.main(["--ckpt", str(tmp_path / "sft.pt"), "--value-model", "--out", str(tmp_path / "none")])

@@ -9,7 +9,7 @@ import torch
 
 from data.batches import pad_left
 from model import GPT, GPTConfig, forward_response, value_of_response
-from ppo import compute_gae, compute_rewards, ppo_losses, response_mask
+from ppo import compute_gae, compute_rewards, mask_through_eos, ppo_losses
 
 EOS = 1
 
@@ -67,7 +67,7 @@ def test_clipped_losses_equal_hand_computation():
 
 def test_rewards_kl_at_the_right_positions_with_early_eos():
     response = torch.tensor([[5, 6, EOS, 0, 0], [7, 8, 9, 4, 3], [EOS, 0, 0, 0, 0]])
-    mask = response_mask(response, EOS).float()
+    mask = mask_through_eos(response, EOS).float()
     assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
     logprobs = torch.randn(3, 5)
     ref_logprobs = torch.randn(3, 5)
@@ -90,7 +90,7 @@ def test_response_logprobs_and_values_under_left_padding_equal_unpadded_rows():
     responses = [[10, 11, EOS, 0], [12, 13, 14, 15]]  # row 0 ended early; 0 is padding after its end
     query, qmask = pad_left(queries, 0)
     response = torch.tensor(responses)
-    mask = response_mask(response, EOS)
+    mask = mask_through_eos(response, EOS)
     seq, attn = torch.cat([query, response], 1), torch.cat([qmask, mask], 1)
     with torch.no_grad():
         logprobs, _ = forward_response(policy, seq, attn, query.size(1), temperature=0.7)
@@ -151,7 +151,7 @@ def test_ptx_term_adds_gamma_times_the_pretraining_gradient(monkeypatch):
     value_model = GPT(GPTConfig(block_size=32, vocab_size=V, n_layer=1, n_head=2, n_embd=16, head="scalar"))
     query, query_mask = pad_left([[3, 4, 5], [6, 7], [8, 9, 10, 11], [12]], 0)
     response = torch.tensor([[5, 6, EOS, 0], [7, 8, 9, 4], [EOS, 0, 0, 0], [2, EOS, 0, 0]])
-    ro = ppo.Rollouts(torch.cat([query, response], 1), query.size(1), query_mask, response_mask(response, EOS),
+    ro = ppo.Rollouts(torch.cat([query, response], 1), query.size(1), query_mask, mask_through_eos(response, EOS),
                       (response == EOS).any(1))
     with torch.no_grad():
         logprobs, _ = forward_response(policy, ro.seq, ro.attention_mask, ro.n_query, 1.0)

@@ -122,7 +122,7 @@ def test_hh_download_goes_through_the_cache(hh_clone, tmp_path, monkeypatch):
     assert hh_rlhf.source_files(None, ["helpful-base"]) == files  # cached: no second download
     with pytest.raises(ConnectionError, match="could not download .* pass --source"):
         hh_rlhf.source_files(None, ["harmless-base"])
-    assert not list((tmp_path / "cache").rglob("*.part"))
+    assert not list((tmp_path / "cache").rglob(".*.tmp*"))  # the failed download left no temporary file
 
 
 def test_text_corpus_split_at_a_line_and_download(tmp_path, monkeypatch):

@@ -274,7 +274,7 @@ class Exploit:
 
 
 def run_cli(script, argv, monkeypatch, capsys):
-    """(exit code, stderr) of a script's main() run in this process through common.cli: fast, for the
+    """(exit code, stderr) of a script's main() run in this process through config.cli: fast, for the
     error paths that end before any work."""
     import importlib
     from config import cli
@@ -320,7 +320,7 @@ def test_bad_checkpoints_are_one_line_and_exit_code_2(tmp_path, monkeypatch, cap
 
 
 def test_training_state_loads_without_pickle(tmp_path):
-    """What --resume saves (optimiser moments, RNG states of torch, Python, NumPy, generators) is plain data."""
+    """What --resume saves (optimiser moments, RNG states of torch and the generators) is plain data."""
     from reliability import training_state
     model = GPT(GPTConfig(block_size=16, vocab_size=20, n_layer=1, n_head=2, n_embd=8))
     opt = torch.optim.AdamW(model.parameters())
