@@ -20,7 +20,7 @@ policy's EMA (paper 0.992) is optional and off: over train.sh's 40 iterations it
 """
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -88,10 +88,10 @@ class Rollouts:
     query_mask: torch.Tensor  # (B, T) 1 on real query tokens (0 on the left padding)
     response_mask: torch.Tensor  # (B, R) 1 on the response's tokens up to and including its end-of-text
     ended: torch.Tensor  # (B,) True where the response emitted end-of-text
+    attention_mask: torch.Tensor = field(init=False)  # (B, T + R): padding on either side is never attended
 
-    @property
-    def attention_mask(self):  # (B, T + R): padding on either side is never attended
-        return torch.cat([self.query_mask, self.response_mask], dim=1)
+    def __post_init__(self):  # built once: every forward pass of the iteration uses it
+        self.attention_mask = torch.cat([self.query_mask, self.response_mask], dim=1)
 
     def decode(self, tok):  # the response texts, each up to and including its end-of-text
         return [tok.decode(self.seq[b, self.n_query:self.n_query + n].tolist())
