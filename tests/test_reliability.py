@@ -62,6 +62,7 @@ def assert_same_weights(a, b):
 
 # --- 1. atomic checkpoints ---------------------------------------------------------------------------------
 def save_forever(path, done):
+    torch.set_num_threads(1)  # a forked child that enters the OpenMP pool its parent has used hangs there
     w = torch.zeros(512, 1024)  # 2 MiB: saving is almost all the loop's time, so kills land inside writes
     while True:
         i = done.value + 1
@@ -73,13 +74,13 @@ def save_forever(path, done):
 def test_checkpoint_survives_sigkill_while_saving(tmp_path):
     path, rng = tmp_path / "ckpt.pt", random.Random(0)
     ctx = multiprocessing.get_context("fork")
-    done = ctx.Value("q", 0)
+    done = ctx.Value("q", 0, lock=False)  # no lock: a child killed while holding it would hang the next read
     for _ in range(10):
         saver = ctx.Process(target=save_forever, args=(path, done))
         saver.start()
-        before = done.value
+        before, deadline = done.value, time.monotonic() + 60
         while done.value < before + 2:  # a complete save in this life, then kill it at a random moment
-            assert saver.is_alive()
+            assert saver.is_alive() and time.monotonic() < deadline, "the saver died or hung"
             time.sleep(0.001)
         time.sleep(rng.uniform(0, 0.05))
         os.kill(saver.pid, signal.SIGKILL)
