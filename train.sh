@@ -8,6 +8,8 @@
 #   RUNS=/tmp/r SEED=1 bash train.sh
 #   bash train.sh hh           # real data: GPT-2 on Anthropic's HH-RLHF, on a GPU (see "Real data" in README)
 #   bash train.sh seeds        # the world pipeline for seeds 0 1 2 (or SEEDS="..."), then mean and spread
+#   OFF_PROMPT=0 bash train.sh # rankings of SFT samples only, as in the paper (default 1: each ranking also
+#                              # holds one sample written for another prompt; see data/README.md)
 #
 # Each stage is skipped when its output exists and is finished (unless FORCE=1); an interrupted stage
 # is rerun from the start (or continue it by hand with its script's --resume). Extra arguments for a stage can be
@@ -137,7 +139,8 @@ for split in train val; do
     --ckpt "$RUNS/sft/ckpt.pt" --prompts "$W/rankings_$split.jsonl" --out "$RUNS/rankings/samples_$split.jsonl" \
     --seed "$SEED" "${RANK_PROMPTS[@]}"
   stage "labelers rank ($split)" "$RUNS/rankings/rankings_$split.jsonl" $PY -m data.world rank \
-    --samples "$RUNS/rankings/samples_$split.jsonl" --out "$RUNS/rankings/rankings_$split.jsonl" --seed "$SEED"
+    --samples "$RUNS/rankings/samples_$split.jsonl" --out "$RUNS/rankings/rankings_$split.jsonl" --seed "$SEED" \
+    --off-prompt "${OFF_PROMPT:-1}"
 done
 
 # The RM learns from both: rankings of SFT samples, and the world's rankings of perturbed answers

@@ -721,18 +721,30 @@ def generate(cfg: WorldConfig) -> dict:
     return summary
 
 
-def rank_samples(samples: list[dict], rng: random.Random, noise: float) -> tuple[list[dict], int]:
+def rank_samples(samples: list[dict], rng: random.Random, noise: float, off_prompt: int = 0
+                 ) -> tuple[list[dict], int]:
     """Rank model samples like a labeler: (rankings records, prompts skipped for < 2 distinct responses).
 
     Responses are stripped and de-duplicated first: a labeler ranks distinct texts, and an empty sample has
-    nothing to rank (the rankings format rejects both).
+    nothing to rank (the rankings format rejects both). With off_prompt > 0, each ranking also holds that
+    many samples written for other prompts, ranked by the same labeler: an RM that sees only answers to
+    the prompt at hand can score fluent answers well without reading the prompt, and a policy then gives
+    one answer to everything.
     """
+    distinct = [list(dict.fromkeys(r.strip() for r in s["responses"] if r.strip())) for s in samples]
     records, skipped = [], 0
-    for s in samples:
-        responses = list(dict.fromkeys(r.strip() for r in s["responses"] if r.strip()))
+    for i, (s, responses) in enumerate(zip(samples, distinct)):
         if len(responses) < 2:
             skipped += 1
             continue
+        for _ in range(50 * off_prompt):  # a few draws may hit the same prompt or a text already there
+            if len(responses) == len(distinct[i]) + off_prompt:
+                break
+            j = rng.randrange(len(samples))
+            if samples[j]["prompt"] != s["prompt"] and distinct[j]:
+                text = rng.choice(distinct[j])
+                if text not in responses:
+                    responses = [*responses, text]
         records.append({"prompt": s["prompt"], "responses": responses,
                         "ranking": simulated_ranking(s["prompt"], responses, rng, noise)})
     return records, skipped
@@ -745,17 +757,21 @@ class RankConfig:
     out: str  # rankings JSONL to write
     seed: int = 0  # random seed of the labelers
     noise: float = LABELER_NOISE  # labeler Plackett-Luce temperature
+    off_prompt: int = 0  # samples written for other prompts added to each ranking (the RM learns to read the prompt)
 
     def __post_init__(self):
         if self.noise < 0:
             raise ValueError("--noise must not be negative")
+        if self.off_prompt < 0:
+            raise ValueError("--off-prompt must not be negative")
 
 
 def rank_main(argv) -> None:
     # parse_config describes a command by its module's docstring; the epilog says what this one does
     cfg = parse_config(RankConfig, argv, prog="python -m data.world rank", epilog="Rank model samples "
                        "({prompt, responses}) with simulated labelers and write a rankings file.")
-    records, skipped = rank_samples(load_samples(cfg.samples), random.Random(f"{cfg.seed}/rank"), cfg.noise)
+    records, skipped = rank_samples(load_samples(cfg.samples), random.Random(f"{cfg.seed}/rank"), cfg.noise,
+                                    cfg.off_prompt)
     if not records:
         raise ValueError(f"{cfg.samples}: no prompt has 2 distinct non-empty responses; sample more per prompt")
     write_jsonl(cfg.out, records)

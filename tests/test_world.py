@@ -149,6 +149,29 @@ def test_rank_command_ranks_model_samples(tmp_path, capsys):
     assert "1 skipped" in capsys.readouterr().out
 
 
+def test_rank_adds_samples_written_for_other_prompts(tmp_path):
+    """--off-prompt k: each ranking also holds k samples of other prompts, and the labeler ranks them too (with
+    noise 0: below this prompt's correct answer, which an RM that ignores the prompt cannot learn)."""
+    rng = random.Random(0)
+    tasks = sample_tasks(rng, FAMILIES, "train", 40)
+    samples = [{"prompt": t.prompt, "responses": [gold_answer(t), "Maybe."]} for t in tasks]
+    write_jsonl(tmp_path / "samples.jsonl", samples)
+    for k in (0, 1, 2):
+        main(["rank", "--samples", str(tmp_path / "samples.jsonl"), "--out", str(tmp_path / f"r{k}.jsonl"),
+              "--off-prompt", str(k), "--noise", "0"])
+        records = load_rankings(tmp_path / f"r{k}.jsonl")
+        assert [r["prompt"] for r in records] == [s["prompt"] for s in samples]
+        for r, s, t in zip(records, samples, tasks):
+            own, added = r["responses"][:2], r["responses"][2:]
+            others = {x for o in samples if o["prompt"] != s["prompt"] for x in o["responses"]}
+            assert own == s["responses"] and len(added) == k and set(added) <= others - set(own)
+            assert r["responses"][r["ranking"][0]] == gold_answer(t)  # the correct answer first, off-prompt below
+    with pytest.raises(SystemExit) as e:
+        main(["rank", "--samples", str(tmp_path / "samples.jsonl"), "--out", str(tmp_path / "r.jsonl"),
+              "--off-prompt", "-1"])
+    assert e.value.code == 2
+
+
 def test_cli_help_and_bad_options(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--help"])
