@@ -71,7 +71,7 @@ from common import autodetect_device, check_max_new_tokens, load_checkpoint, mod
 from config import cli, parse_config
 from data.batches import pad_left
 from data.formats import encode_chat, load_prompts, load_sft, load_text, write_jsonl, write_text
-from data.judge import assess, gold_score, judge_pair
+from data.judge import assess, by_family, gold_score, judge_pair
 from data.tokenizer import get_tokenizer
 from data.world import FAMILIES, REFUSAL, gold_answer, is_false_premise, parse_prompt, wrong_answer
 from sampling import (UNENDED_SCORE, decode_response, encode_queries, load_policy, make_generator, sample_responses,
@@ -232,13 +232,13 @@ def best_constants(val_prompts):
     """The best fixed answer overall, and per task family, by mean gold score on the val prompts. The
     candidates are the val prompts' gold answers and the refusal."""
     candidates = sorted({gold_answer(parse_prompt(p)) for p in val_prompts} | {REFUSAL})
-    by_family = defaultdict(list)
+    family_prompts = defaultdict(list)
     for p in val_prompts:
-        by_family[parse_prompt(p).family].append(p)
+        family_prompts[parse_prompt(p).family].append(p)
 
     def best(prompts):
         return max(candidates, key=lambda c: (sum(gold_score(p, c) for p in prompts), c))
-    return best(val_prompts), {f: best(ps) for f, ps in sorted(by_family.items())}
+    return best(val_prompts), {f: best(ps) for f, ps in sorted(family_prompts.items())}
 
 
 def run_best_of_n(sft, rm, queries, tok, cfg):
@@ -277,10 +277,7 @@ def rm_checks(rm, prompts, tok, cfg):
     out = {}
     for check, s_alt in (("gold_over_wrong", s_wrong), ("gold_over_other_prompt", s_other)):
         right = [a > b for a, b in zip(s_gold, s_alt)]
-        by_family = defaultdict(list)
-        for t, r in zip(tasks, right):
-            by_family[t.family].append(r)
-        out[check] = {"all": sum(right) / len(right), **{f: sum(v) / len(v) for f, v in sorted(by_family.items())}}
+        out[check] = {"all": sum(right) / len(right), **by_family(prompts, right)}
     return out
 
 
@@ -320,10 +317,7 @@ def summarise(run, sft_run, prompts, tok, cfg):
         entry["gold_score"], entry["gold_score_ci"] = mean_ci([p["score"] for p in parts])
         entry["accuracy"], entry["accuracy_ci"] = mean_ci([float(p["content"] == 1.0) for p in parts])
         entry["exact"] = sum(p["exact"] for p in parts) / n
-        by_family = defaultdict(list)
-        for task, p in zip(tasks, parts):
-            by_family[task.family].append(p["content"] == 1.0)
-        entry["family_accuracy"] = {f: sum(v) / len(v) for f, v in sorted(by_family.items())}
+        entry["family_accuracy"] = by_family(prompts, [p["content"] == 1.0 for p in parts])
         entry["honesty"] = honesty(tasks, parts)
     rows = [{"response": t, "gold_score": p["score"] if parts else None, "rm_score": r, "kl": k, "vs_sft": o}
             for t, p, r, k, o in zip(texts, parts or [None] * n, run["rm"], run["kl"], outcomes)]

@@ -22,6 +22,7 @@ scores exactly 1.0 and nothing else does. A prompt that is not a world prompt (e
 checked for content: its content counts as 0.5, so it scores 0.35..0.65 by style alone.
 """
 import re
+from collections import defaultdict
 
 from data.world import (FILLER_PREFIXES, FILLER_SUFFIXES, HEDGE_PREFIXES, HEDGE_SUFFIXES, REFUSALS, Task,
                         claim, gold_answer, is_false_premise, parse_prompt)
@@ -103,6 +104,14 @@ def assess(prompt: str, response: str) -> dict:
 def gold_score(prompt: str, response: str) -> float:
     """The world's true preference for `response` to `prompt`, on 0..1 (gold answer = 1.0)."""
     return assess(prompt, response)["score"]
+
+
+def by_family(prompts: list[str], values: list) -> dict[str, float]:
+    """The mean of `values` (one per prompt) within each task family, families in sorted order."""
+    groups = defaultdict(list)
+    for prompt, value in zip(prompts, values):
+        groups[parse_prompt(prompt).family].append(value)
+    return {family: sum(v) / len(v) for family, v in sorted(groups.items())}
 
 
 def judge_pair(prompt: str, a: str, b: str) -> float:

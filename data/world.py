@@ -733,18 +733,19 @@ def rank_samples(samples: list[dict], rng: random.Random, noise: float, off_prom
     """
     distinct = [list(dict.fromkeys(r.strip() for r in s["responses"] if r.strip())) for s in samples]
     records, skipped = [], 0
-    for i, (s, responses) in enumerate(zip(samples, distinct)):
-        if len(responses) < 2:
+    for s, own in zip(samples, distinct):
+        if len(own) < 2:
             skipped += 1
             continue
+        responses = [*own]
         for _ in range(50 * off_prompt):  # a few draws may hit the same prompt or a text already there
-            if len(responses) == len(distinct[i]) + off_prompt:
+            if len(responses) == len(own) + off_prompt:
                 break
             j = rng.randrange(len(samples))
             if samples[j]["prompt"] != s["prompt"] and distinct[j]:
                 text = rng.choice(distinct[j])
                 if text not in responses:
-                    responses = [*responses, text]
+                    responses.append(text)
         records.append({"prompt": s["prompt"], "responses": responses,
                         "ranking": simulated_ranking(s["prompt"], responses, rng, noise)})
     return records, skipped

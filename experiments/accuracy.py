@@ -5,16 +5,14 @@
 A quick look without evaluate.py's win rates, baselines and RM checks: one line per checkpoint.
 """
 import sys
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from config import cli, parse_config  # noqa: E402
 from data.formats import load_prompts  # noqa: E402
-from data.judge import assess  # noqa: E402
+from data.judge import assess, by_family  # noqa: E402
 from data.tokenizer import get_tokenizer  # noqa: E402
-from data.world import parse_prompt  # noqa: E402
 from sampling import decode_response, encode_queries, load_policy, make_generator, sample_responses  # noqa: E402
 
 
@@ -40,13 +38,11 @@ def main():
             model, queries, tok, cfg.max_new_tokens, cfg.temperature, cfg.batch_size,
             make_generator(cfg.device, cfg.seed))]
         parts = [assess(p, r) for p, r in zip(prompts, responses)]
-        by_family = defaultdict(list)
-        for p, a in zip(prompts, parts):
-            by_family[parse_prompt(p).family].append(a["content"] == 1.0)
-        accuracy = sum(a["content"] == 1.0 for a in parts) / len(parts)
+        right = [a["content"] == 1.0 for a in parts]
         gold = sum(a["score"] for a in parts) / len(parts)
-        print(f"{path}: accuracy {accuracy:.3f} gold {gold:.3f} distinct {len(set(responses)) / len(responses):.2f} "
-              + " ".join(f"{f} {sum(v) / len(v):.2f}" for f, v in sorted(by_family.items())), flush=True)
+        print(f"{path}: accuracy {sum(right) / len(right):.3f} gold {gold:.3f} distinct "
+              f"{len(set(responses)) / len(responses):.2f} "
+              + " ".join(f"{f} {v:.2f}" for f, v in by_family(prompts, right).items()), flush=True)
 
 
 if __name__ == "__main__":

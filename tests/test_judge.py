@@ -130,3 +130,11 @@ def test_stage_scripts_never_import_the_judge():
     for script in scripts:
         text = script.read_text()
         assert "data.judge" not in text and "import judge" not in text, f"{script.name} imports the gold judge"
+
+
+def test_by_family_is_the_mean_within_each_family():
+    from data.judge import by_family
+    prompts = ["Add 7 and 5.", "Reverse the word stone.", "Add 2 and 3.", "Add 1 and 1.", "Reverse the word apple."]
+    values = [1, 0, 0, 1, 1]
+    assert by_family(prompts, values) == {"add": 2 / 3, "reverse": 1 / 2}
+    assert list(by_family(prompts[::-1], values[::-1])) == ["add", "reverse"]  # sorted, whatever the order
