@@ -222,9 +222,9 @@ def model_from_checkpoint(ckpt, head=None, dropout=None):
 
 def load_rl_models(cfg, d):
     """The models of RL fine-tuning (ppo.py): the policy and the frozen reference pi_SFT from cfg.sft, the
-    frozen RM and the value model from cfg.rm (with --resume: the interrupted run's policy and value model),
-    the policy's EMA when cfg.ema_decay > 0 (else None); then the tokenizer and the resumed checkpoint (or
-    None)."""
+    frozen RM and the value model from cfg.rm (None for GRPO and RLOO; with --resume: the interrupted run's
+    policy and value model), the policy's EMA when cfg.ema_decay > 0 (else None); then the tokenizer and the
+    resumed checkpoint (or None)."""
     sft_ckpt, rm_ckpt = load_checkpoint(cfg.sft, kind="lm"), load_checkpoint(cfg.rm, kind="scalar")
     if sft_ckpt["tokenizer"] != rm_ckpt["tokenizer"]:
         raise ValueError(f"{cfg.sft} uses tokenizer {sft_ckpt['tokenizer']} but {cfg.rm} uses {rm_ckpt['tokenizer']}")
@@ -232,21 +232,25 @@ def load_rl_models(cfg, d):
     policy = model_from_checkpoint(sft_ckpt, head="lm", dropout=0.0).to(d.device)
     ref_policy = model_from_checkpoint(sft_ckpt, head="lm", dropout=0.0).to(d.device).eval().requires_grad_(False)
     reward_model = model_from_checkpoint(rm_ckpt, dropout=0.0).to(d.device).eval().requires_grad_(False)
-    value_model = model_from_checkpoint(rm_ckpt, dropout=0.0).to(d.device)
+    # GRPO and RLOO (--advantage grpo|rloo) use a group baseline instead of a value model
+    value_model = model_from_checkpoint(rm_ckpt, dropout=0.0).to(d.device) if cfg.advantage == "gae" else None
     ema = copy.deepcopy(policy).requires_grad_(False) if cfg.ema_decay > 0 else None
     resumed = None
     if cfg.resume:  # the interrupted run's models; ckpt.pt's "model" is the EMA when there is one
         resumed = load_checkpoint(f"{cfg.out_dir}/ckpt.pt")
         policy.load_state_dict(resumed.get("policy", resumed["model"]))
-        value_model.load_state_dict(resumed["value_model"])
+        if value_model is not None:
+            value_model.load_state_dict(resumed["value_model"])
         if ema is not None and "policy" in resumed:
             ema.load_state_dict(resumed["model"])
-    policy.gradient_checkpointing = value_model.gradient_checkpointing = cfg.grad_checkpointing
+    trained = [m for m in (policy, value_model) if m is not None]
+    for m in trained:
+        m.gradient_checkpointing = cfg.grad_checkpointing
     if cfg.frozen_bf16 and d.device_type == "cuda":  # inference only: bf16 weights halve their memory
         ref_policy.to(torch.bfloat16)
         reward_model.to(torch.bfloat16)
     if cfg.compile:
-        for m in (policy, ref_policy, reward_model, value_model):
+        for m in (*trained, ref_policy, reward_model):
             m.compile()
     return policy, ref_policy, reward_model, value_model, ema, get_tokenizer(sft_ckpt["tokenizer"]), resumed
 

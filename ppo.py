@@ -9,16 +9,27 @@ pi_RL (from SFT) maximises equation 2 of the paper, with kl_coef = the paper's b
 main() runs the paper's loop; each iteration is five functions: 1. rollout, 2. score, 3. compute_rewards,
 4. compute_gae, 5. ppo_update (+ ptx). The value model starts from the RM (own weights and learning rate).
 
+--advantage grpo or rloo replaces step 4 and the value model by a group baseline: each prompt is sampled
+--group-size G times, and a response's advantage (the same at each of its tokens) is its total reward (score
++ non_score_reward) against the others of its group (group_advantages):
+    grpo  (Shao et al. 2024)     A_i = (R_i - mean_j R_j) / std_j R_j
+    rloo  (Ahmadian et al. 2024) A_i = R_i - 1/(G - 1) * sum_{j != i} R_j
+
     python ppo.py --sft runs/sft/ckpt.pt --rm runs/rm/ckpt.pt --prompts runs/world/ppo_prompts.jsonl   # CPU
     python ppo.py ... --ptx-data runs/world/pretrain.txt --ptx-coef 0.02 --out-dir runs/ppo_ptx      # PPO-ptx
+    python ppo.py ... --advantage grpo --out-dir runs/grpo                           # GRPO (or rloo: RLOO)
     torchrun --nproc_per_node=4 ppo.py ...      # GPUs;  --resume continues after Ctrl-C (which saves) or a crash
 
 Deviations from the paper (tiny models, minutes on a CPU): batch 64 and minibatch 16 (paper 512 and 64),
 2 PPO epochs per batch (paper 1), minibatches that are fixed slices of the randomly drawn batch (so that N
 processes split each one evenly), and gamma_ptx weighs a mean per token, not a sum (the paper's 27.8). The
 policy's EMA (paper 0.992) is optional and off: over train.sh's 40 iterations it would average in SFT.
+GRPO and RLOO keep this file's clipped surrogate, epochs and minibatches, and its KL penalty in the reward
+(as RLOO does; GRPO puts a k3 estimate of the KL in the loss instead) with kl_coef and ptx_coef as options;
+GRPO's loss is a mean per token here, not per response then per group.
 """
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -64,9 +75,12 @@ class PPOConfig(RunConfig):
     cliprange_value: float = 0.2  # value clip around the rollout's value estimate
     unended_score: float = UNENDED_SCORE  # the score of a response that never emitted end-of-text (sampling.py)
     grad_clip: float = 1.0  # clip each model's gradient norm; 0 = off
+    advantage: str = "gae"  # gae: a value model and GAE (PPO); grpo or rloo: a group baseline, no value model
+    group_size: int = 4  # grpo / rloo: samples per prompt (G); each iteration has batch_size / G prompts
     ema_decay: float = 0.0  # EMA of the policy weights saved for evaluation (paper 0.992); 0 = off
     sample_interval: int = 10  # iterations between tables of sample responses
     save_interval: int = 20  # iterations between saves of the resumable training state to ckpt.pt; 0 = at the end only
+    keep_saves: bool = False  # also keep each save as ckpt_<iteration>.pt: the policy along training
     frozen_bf16: bool = True  # on CUDA, the frozen reference and RM in bf16 (half the memory; fp32 on CPU)
 
     def __post_init__(self):
@@ -77,6 +91,11 @@ class PPOConfig(RunConfig):
             raise ValueError("--kl-coef and --ptx-coef must be >= 0")
         if self.temperature <= 0:
             raise ValueError("--temperature must be > 0: PPO needs the sampling distribution's log-probs")
+        if self.advantage not in ("gae", "grpo", "rloo"):
+            raise ValueError(f"--advantage must be gae, grpo or rloo, got {self.advantage!r}")
+        if self.advantage != "gae" and (self.group_size < 2 or self.batch_size % self.group_size):
+            raise ValueError(f"--group-size {self.group_size} must be >= 2 and divide --batch-size {self.batch_size}: "
+                             "a group baseline needs two or more samples of each prompt in the batch")
 
 
 # --- the five steps of an iteration ---------------------------------------------------------------------------
@@ -134,12 +153,12 @@ def score(reward_model, ro, cfg, d):
 def old_logprobs_and_values(policy, ref_policy, value_model, ro, cfg, d):
     """The rollout's log-probs under pi_RL and pi_SFT and the value estimates, each recomputed by one
     forward pass at the sampling temperature, and two statistics: the full-vocabulary KL per response and
-    the mean entropy per token. (B, R) x 3, then (B,) and a scalar."""
+    the mean entropy per token. (B, R) x 3 (values None without a value model), then (B,) and a scalar."""
     mask = ro.response_mask.float()
     with d.autocast():
         logprobs, logits = forward_response(policy, ro.seq, ro.attention_mask, ro.n_query, cfg.temperature)
         ref_logprobs, ref_logits = forward_response(ref_policy, ro.seq, ro.attention_mask, ro.n_query, cfg.temperature)
-        values = value_of_response(value_model, ro.seq, ro.attention_mask, ro.n_query)
+        values = value_of_response(value_model, ro.seq, ro.attention_mask, ro.n_query) if value_model else None
     logp_all, ref_logp_all = F.log_softmax(logits, -1), F.log_softmax(ref_logits, -1)
     exact_kl = ((logp_all.exp() * (logp_all - ref_logp_all)).sum(-1) * mask).sum(1)
     entropy = (-(logp_all.exp() * logp_all).sum(-1) * mask).sum() / mask.sum()
@@ -180,6 +199,21 @@ def compute_gae(rewards, values, mask, gamma, lam):
         advantages[:, t] = next_advantage
         next_value = values[:, t]
     return advantages * mask, (advantages + values) * mask
+
+
+# exercise: group_advantages
+def group_advantages(rewards, group_size, estimator):
+    """Step 4 of GRPO and RLOO: each response's total reward R_i (B,) against the other responses to its
+    prompt, the batch being groups of group_size G consecutive responses to one prompt:
+        grpo  A_i = (R_i - mean_j R_j) / (std_j R_j + 1e-8)      (std: the sample standard deviation)
+        rloo  A_i = R_i - 1/(G - 1) * sum_{j != i} R_j           (the leave-one-out mean)
+    Returns (B,)."""
+    r = rewards.view(-1, group_size)  # (B / G, G)
+    if estimator == "grpo":
+        advantages = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-8)
+    else:
+        advantages = r - (r.sum(1, keepdim=True) - r) / (group_size - 1)
+    return advantages.view(-1)
 
 
 def masked_mean(x, mask, n=None):
@@ -230,16 +264,17 @@ def ppo_update(ddp_policy, ddp_value_model, optimizers, guard, ro, old, it, cfg,
         policy loss = pg_loss + gamma_ptx * ptx_loss   (ptx only with pretraining tokens: PPO-ptx)
         value loss  = vf_loss                          (a separate model with its own optimiser)
     old: the rollout's logprobs, values, advantages and returns, (B, R) each; ptx_tokens: a 1-D tensor of
-    pretraining text, cut into random windows of ptx_seq_len + 1 tokens. Returns the mean statistics."""
-    opt_policy, opt_value = optimizers
+    pretraining text, cut into random windows of ptx_seq_len + 1 tokens. Without a value model (GRPO, RLOO:
+    ddp_value_model None, one optimiser) only the policy is trained. Returns the mean statistics."""
+    models = [m for m in (ddp_policy, ddp_value_model) if m is not None]
     mask = ro.response_mask.float()
     local_mb = cfg.minibatch_size // d.world_size
     n_mb = cfg.batch_size // cfg.minibatch_size
     ptx_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + it)
     acc = {"pg_loss": 0.0, "vf_loss": 0.0, "ptx_loss": 0.0, "approx_kl": 0.0, "clipfrac": 0.0, "vf_clipfrac": 0.0}
     n_steps = 0
-    ddp_policy.train()
-    ddp_value_model.train()
+    for m in models:
+        m.train()
     for epoch in range(cfg.ppo_epochs):
         # minibatches are fixed slices of the batch (its prompts are already in random order), visited in a
         # new order each epoch. Process r holds the batch's rows r, r + N, ...: its slice k is its part of
@@ -258,11 +293,15 @@ def ppo_update(ddp_policy, ddp_value_model, optimizers, guard, ro, old, it, cfg,
             with d.autocast():
                 new_logprobs, mb_logits = forward_response(ddp_policy, mb_seq, mb_attention_mask, ro.n_query - lo,
                                                            cfg.temperature)
-                vpred = value_of_response(ddp_value_model, mb_seq, mb_attention_mask, ro.n_query - lo)
+                if ddp_value_model is not None:
+                    vpred = value_of_response(ddp_value_model, mb_seq, mb_attention_mask, ro.n_query - lo)
             del mb_logits
+            if ddp_value_model is not None:
+                old_values, returns = old["values"][mb, :r], old["returns"][mb, :r]
+            else:  # no value model: the value terms are computed on zeros and are 0
+                vpred = old_values = returns = torch.zeros_like(new_logprobs)
             pg_loss, vf_loss, st = ppo_losses(new_logprobs, old["logprobs"][mb, :r], old["advantages"][mb, :r],
-                                              vpred, old["values"][mb, :r], old["returns"][mb, :r], mask[mb, :r],
-                                              cfg, n_tokens)
+                                              vpred, old_values, returns, mask[mb, :r], cfg, n_tokens)
             loss = pg_loss * d.world_size
             if ptx_tokens is not None:
                 # the global batch of windows, drawn alike on every process; each takes its share
@@ -271,22 +310,25 @@ def ppo_update(ddp_policy, ddp_value_model, optimizers, guard, ro, old, it, cfg,
                     ptx = ptx_loss(ddp_policy, windows, d.device)
                 loss = loss + cfg.ptx_coef * ptx
                 acc["ptx_loss"] += ptx.item()
-            opt_policy.zero_grad(set_to_none=True)
-            opt_value.zero_grad(set_to_none=True)
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
             loss.backward()
-            (vf_loss * d.world_size).backward()
+            if ddp_value_model is not None:
+                (vf_loss * d.world_size).backward()
             grad_norms = [torch.nn.utils.clip_grad_norm_(m.parameters(), cfg.grad_clip or math.inf)  # inf: no clip
-                          for m in (ddp_policy, ddp_value_model)]
+                          for m in models]
             if guard.ok(it, loss, vf_loss, *grad_norms):
-                opt_policy.step()
-                opt_value.step()
+                for opt in optimizers:
+                    opt.step()
             acc["pg_loss"] += pg_loss.item()
             acc["vf_loss"] += vf_loss.item()
             for key, v in st.items():
                 acc[key] += v
             n_steps += 1
-    if ptx_tokens is None:
-        del acc["ptx_loss"]
+    for key, unused in (("ptx_loss", ptx_tokens is None), ("vf_loss", ddp_value_model is None),
+                        ("vf_clipfrac", ddp_value_model is None)):
+        if unused:
+            del acc[key]
     return {key: v / n_steps for key, v in acc.items()}
 
 
@@ -317,12 +359,20 @@ def iteration_metrics(d, ro, scores, kl, non_score_reward, exact_kl, entropy, va
     """What metrics.jsonl records of an iteration: means over the global batch, KL and rewards per response."""
     def mean(x):
         return d.all_reduce_mean(x.float().mean()).item()
-    real = ro.response_mask.bool()
-    explained_variance = 1 - (returns - values)[real].var() / returns[real].var().clamp(min=1e-8)
-    return {"score": mean(scores), "kl": mean(kl.sum(1)), "exact_kl": mean(exact_kl),
-            "non_score_reward": mean(non_score_reward.sum(1)), "entropy": mean(entropy),
-            "explained_variance": explained_variance.item(), "response_length": mean(ro.response_mask.sum(1)),
-            "ended": mean(ro.ended)}
+    out = {"score": mean(scores), "kl": mean(kl.sum(1)), "exact_kl": mean(exact_kl),
+           "non_score_reward": mean(non_score_reward.sum(1)), "entropy": mean(entropy),
+           "response_length": mean(ro.response_mask.sum(1)), "ended": mean(ro.ended)}
+    if values is not None:
+        real = ro.response_mask.bool()
+        out["explained_variance"] = (1 - (returns - values)[real].var() / returns[real].var().clamp(min=1e-8)).item()
+    return out
+
+
+def whole_batch(x, batch_size, d):
+    """(batch_size,) the values of every process's rollouts, from this process's rows rank, rank + N, ..."""
+    full = torch.zeros(batch_size, device=x.device)
+    full[d.rank::d.world_size] = x
+    return d.all_reduce_mean(full) * d.world_size
 
 
 def main():
@@ -332,14 +382,15 @@ def main():
     set_seed(cfg.seed)
     log = RunLog(cfg.out_dir, enabled=d.master, resume=cfg.resume)
     policy, ref_policy, reward_model, value_model, ema, tok, resumed = load_rl_models(cfg, d)
-    ddp_policy, ddp_value_model = d.wrap(policy), d.wrap(value_model)
+    ddp_policy, ddp_value_model = d.wrap(policy), d.wrap(value_model) if value_model is not None else None
     prompts = load_prompts(cfg.prompts)
     queries = encode_queries(tok, prompts, policy.config.block_size - cfg.max_new_tokens, source=cfg.prompts)
     ptx_tokens = torch.tensor(tok.encode(load_text(cfg.ptx_data))) if cfg.ptx_data and cfg.ptx_coef > 0 else None
     optimizers = [torch.optim.AdamW(m.parameters(), lr=lr, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.0)
-                  for m, lr in ((policy, cfg.lr), (value_model, cfg.vf_lr))]  # separate models and lrs (C.4)
+                  for m, lr in ((policy, cfg.lr), (value_model, cfg.vf_lr)) if m is not None]  # own lrs (C.4)
     kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl else None
     n_iters = cfg.total_episodes // cfg.batch_size
+    G = 1 if cfg.advantage == "gae" else cfg.group_size  # samples per prompt in a batch
     sample_gen = torch.Generator(device=d.device if d.device_type == "cuda" else "cpu").manual_seed(cfg.seed)
 
     # -- plumbing (skip on a first read): --resume, saves, Ctrl-C, non-finite steps; see reliability.py
@@ -349,22 +400,28 @@ def main():
 
     def save(step):  # the policy for evaluation (its EMA when enabled), the value model, what --resume needs
         extra = {"policy": policy} if ema is not None else {}
+        if value_model is not None:
+            extra.update(value_model=value_model, value_model_config=asdict(value_model.config))
         state = training_state(d, optimizers, [sample_gen])
         if d.master:
             save_checkpoint(f"{cfg.out_dir}/ckpt.pt", ema if ema is not None else policy, cfg, tok.name, iter=step,
-                            max_iters=n_iters, value_model=value_model, value_model_config=asdict(value_model.config),
-                            kl_coef=kl_ctl.kl_coef if kl_ctl else cfg.kl_coef, **extra, **state)
+                            max_iters=n_iters, kl_coef=kl_ctl.kl_coef if kl_ctl else cfg.kl_coef, **extra, **state)
+            if cfg.keep_saves:
+                shutil.copyfile(f"{cfg.out_dir}/ckpt.pt", f"{cfg.out_dir}/ckpt_{step}.pt")
     interrupt, guard = Interrupt(d), NonFiniteGuard(cfg.max_bad_steps, d)
     if d.master:
-        print(f"PPO: {len(queries)} prompts, {n_iters} iterations of {cfg.batch_size} rollouts, "
-              f"ptx_coef {cfg.ptx_coef}, device {d.device}, {d.world_size} process(es)")
+        print(f"PPO: {len(queries)} prompts, {n_iters} iterations of {cfg.batch_size} rollouts "
+              f"({cfg.batch_size // G} prompts x {G}), advantage {cfg.advantage}, ptx_coef {cfg.ptx_coef}, "
+              f"device {d.device}, {d.world_size} process(es)")
 
     for it in tqdm(interrupt.steps(start, n_iters), total=n_iters, initial=start,
-                   desc="ppo-ptx" if ptx_tokens is not None else "ppo", disable=not d.master):
+                   desc=("ppo" if G == 1 else cfg.advantage) + ("-ptx" if ptx_tokens is not None else ""),
+                   disable=not d.master):
         t0 = time.time()
         for opt, lr in zip(optimizers, (cfg.lr, cfg.vf_lr)):  # linear warmup, then constant
             opt.param_groups[0]["lr"] = lr * min(1.0, (it + 1) / cfg.warmup_iters) if cfg.warmup_iters else lr
-        batch = shuffled_indices(len(queries), it * cfg.batch_size, cfg.batch_size, cfg.seed)[d.rank::d.world_size]
+        batch = [i for i in shuffled_indices(len(queries), it * cfg.batch_size // G, cfg.batch_size // G, cfg.seed)
+                 for _ in range(G)][d.rank::d.world_size]  # each prompt G times in a row (G = 1 for gae)
         kl_coef = kl_ctl.kl_coef if kl_ctl else cfg.kl_coef
 
         ro = rollout(policy, [queries[i] for i in batch], tok, cfg, d, sample_gen)  # 1. rollout
@@ -374,8 +431,13 @@ def main():
             policy, ref_policy, value_model, ro, cfg, d)
         mask = ro.response_mask.float()
         rewards, kl, non_score_reward = compute_rewards(scores, logprobs, ref_logprobs, mask, kl_coef)  # 3. rewards
-        advantages, returns = compute_gae(rewards, values, mask, cfg.gamma, cfg.lam)  # 4. GAE, then whitened
-        advantages = masked_whiten(advantages, mask, d)
+        if cfg.advantage == "gae":
+            advantages, returns = compute_gae(rewards, values, mask, cfg.gamma, cfg.lam)  # 4. GAE, then whitened
+            advantages = masked_whiten(advantages, mask, d)
+        else:  # 4. GRPO / RLOO: each response's total reward against its group's, at all its tokens
+            total = whole_batch(rewards.sum(1), cfg.batch_size, d)  # (batch_size,): groups may span processes
+            advantages = group_advantages(total, G, cfg.advantage)[d.rank::d.world_size, None] * mask
+            returns = None
         t_score = time.time() - t0 - t_gen
         old = {"logprobs": logprobs, "values": values, "advantages": advantages, "returns": returns}
         stats = ppo_update(ddp_policy, ddp_value_model, optimizers, guard, ro, old, it, cfg, d,  # 5. PPO (+ ptx)

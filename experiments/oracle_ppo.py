@@ -2,15 +2,14 @@
 
     python experiments/oracle_ppo.py --sft runs/sft/ckpt.pt --rm runs/rm/ckpt.pt \\
         --prompts runs/world/ppo_prompts.jsonl --out-dir runs/oracle --total-episodes 10240 --kl-coef 0.1 \\
-        --save-interval 40
+        --save-interval 40 --keep-saves
     python experiments/accuracy.py runs/oracle/ckpt_*.pt --prompts runs/world/test_prompts.jsonl
 
 Every option is ppo.py's. The RM checkpoint is still loaded (the value model starts from it), but step 2
 scores each response with the gold score, centred at CENTER and scaled by SCALE to about the RM's
-normalised range, and a response that never ended gets --unended-score as in ppo.py. Each save is also
-kept as ckpt_<iteration>.pt, so accuracy can be followed along training.
+normalised range, and a response that never ended gets --unended-score as in ppo.py. With --keep-saves
+each save is also kept as ckpt_<iteration>.pt, so accuracy can be followed along training.
 """
-import shutil
 import sys
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from sampling import decode_response, unended_rule  # noqa: E402
 CENTER, SCALE = 0.6, 4.0
 current = {}  # the batch being scored: its prompt indices and the tokenizer
 
-shuffled_indices, rollout, save_checkpoint = ppo.shuffled_indices, ppo.rollout, ppo.save_checkpoint
+shuffled_indices, rollout = ppo.shuffled_indices, ppo.rollout
 
 
 def batch_indices(*args, **kwargs):
@@ -46,13 +45,7 @@ def gold_reward(reward_model, ro, cfg, d):
     return unended_rule((gold - CENTER) * SCALE, ro.ended.cpu(), cfg.unended_score).to(ro.seq.device)
 
 
-def keep_every_save(path, *args, **kwargs):
-    save_checkpoint(path, *args, **kwargs)
-    shutil.copy(path, str(path).replace("ckpt.pt", f"ckpt_{kwargs['iter']}.pt"))
-
-
 if __name__ == "__main__":
     ppo.shuffled_indices, ppo.rollout, ppo.score = batch_indices, rollout_keeping_tok, gold_reward
-    ppo.save_checkpoint = keep_every_save
     sys.argv[0] = "ppo.py"
     ppo.cli(ppo.main)

@@ -47,8 +47,8 @@ def test_oracle_ppo_and_accuracy_run_end_to_end(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, ROOT / "experiments" / "oracle_ppo.py", "--sft", "sft.pt", "--rm", "rm.pt",
                           "--prompts", "prompts.jsonl", "--batch-size", "4", "--minibatch-size", "2",
-                          "--max-new-tokens", "8", "--total-episodes", "8", "--save-interval", "1", "--device", "cpu",
-                          "--sample-interval", "1000", "--out-dir", "out"],
+                          "--max-new-tokens", "8", "--total-episodes", "8", "--save-interval", "1", "--keep-saves",
+                          "--device", "cpu", "--sample-interval", "1000", "--out-dir", "out"],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert (tmp_path / "out" / "ckpt_1.pt").exists() and (tmp_path / "out" / "ckpt_2.pt").exists()

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from common import load_checkpoint
 from data.batches import pad_left
 from model import GPT, GPTConfig, forward_response, value_of_response
 from ppo import compute_gae, compute_rewards, mask_through_eos, ppo_losses
@@ -111,11 +112,13 @@ def test_unended_responses_get_the_fixed_score():
     assert unended_rule(scores, ended, -3.0).tolist() == pytest.approx([0.7, -3.0, -0.2])
 
 
-def test_ppo_learns_what_the_reward_asks_for(tmp_path):
+@pytest.mark.parametrize("advantage", ["gae", "grpo", "rloo"])
+def test_ppo_learns_what_the_reward_asks_for(tmp_path, advantage):
     """The whole of ppo.py, end to end, moves the policy the way the reward points. A random policy almost
     never emits end-of-text within 8 tokens, and an unended response gets the fixed low score (-3, against
     the RM's ~0 for an ended one): after 30 iterations it ends nearly every response. A sign error anywhere
-    between the score and the optimiser step (rewards, GAE, whitening, the surrogate) fails this."""
+    between the score and the optimiser step (rewards, GAE or the group baseline, whitening, the surrogate)
+    fails this."""
     import json
     import os
     import subprocess
@@ -127,7 +130,8 @@ def test_ppo_learns_what_the_reward_asks_for(tmp_path):
     write_tiny_policy_and_rm(tmp_path)
     args = ["--sft", "sft.pt", "--rm", "rm.pt", "--prompts", "prompts.jsonl", "--batch-size", "16",
             "--minibatch-size", "8", "--max-new-tokens", "8", "--lr", "3e-3", "--kl-coef", "0",
-            "--total-episodes", "480", "--device", "cpu", "--sample-interval", "1000", "--out-dir", "out"]
+            "--total-episodes", "480", "--device", "cpu", "--sample-interval", "1000", "--out-dir", "out",
+            "--advantage", advantage]
     res = subprocess.run([sys.executable, root / "ppo.py", *args], cwd=tmp_path, capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
@@ -135,6 +139,7 @@ def test_ppo_learns_what_the_reward_asks_for(tmp_path):
              if "ended" in r]
     first, last = sum(ended[:5]) / 5, sum(ended[-5:]) / 5
     assert len(ended) == 30 and first < 0.2 and last > 0.7, ended
+    assert ("value_model" in load_checkpoint(tmp_path / "out" / "ckpt.pt")) == (advantage == "gae")
 
 
 def test_ptx_term_adds_gamma_times_the_pretraining_gradient(monkeypatch):
