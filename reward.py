@@ -25,8 +25,8 @@ from tqdm import tqdm
 
 from common import Dist, RunConfig, RunLog, cosine_lr, load_model, prepare_model, save_checkpoint, set_seed
 from config import cli, parse_config
-from data.batches import encode_example, pad_right, shuffled_indices, warn_counts
-from data.formats import load_rankings, load_sft
+from data.batches import encode_example, encode_rankings, pad_right, shuffled_indices, warn_counts
+from data.formats import load_sft
 from data.tokenizer import get_tokenizer
 from reliability import Interrupt, NonFiniteGuard, preflight, resume_training, training_state
 from sampling import score_responses
@@ -85,7 +85,7 @@ def forward_prompts(model, prompts, device, rows_per_pass=32):
     and (P, Kmax, Kmax) comparison masks of ranking_loss. The responses go through the model sorted by
     length, rows_per_pass at a time, each pass padded to its own longest: padded to the longest of all,
     about half of a batch of the world's rankings would be padding."""
-    seqs = [s for p in prompts for s in p["seqs"]]  # N = sum of K sequences
+    seqs = [ids for p in prompts for ids, _ in p["seqs"]]  # N = sum of K sequences (p["seqs"]: (ids, n_query))
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     parts = []
     for j in range(0, len(seqs), rows_per_pass):
@@ -131,18 +131,6 @@ def validation_accuracy(model, prompts, cfg, d):
             "val_loss": loss_sum / max(1, len(prompts)),
             "val_accuracy_by_k": {k: round(correct[k] / total[k], 4) for k in sorted(total)},
             "score_mean": s.mean().item(), "score_std": s.std().item()}
-
-
-def encode_rankings(path, tok, seq_len):
-    """Each ranked prompt as {"seqs": its K responses encoded with the prompt, "ranking"}; a ranking with a
-    response that does not fit the context is dropped (counted)."""
-    records, stats, out = load_rankings(path), {}, []
-    for r in records:
-        seqs = [encode_example(tok, r["prompt"], resp, seq_len, stats) for resp in r["responses"]]
-        if all(seqs):
-            out.append({"seqs": [s for s, _ in seqs], "ranking": r["ranking"]})
-    warn_counts(path, stats, len(records))
-    return out
 
 
 def train_step(ddp_model, optimizer, guard, batch, it, cfg, d):

@@ -5,7 +5,7 @@ import sys
 
 import torch
 
-from data.formats import encode_chat, truncate_left
+from data.formats import encode_chat, load_rankings, truncate_left
 
 
 def shuffled_indices(n, start, count, seed):
@@ -38,6 +38,18 @@ def encode_example(tok, prompt, response, max_len, stats):
     query, cut = truncate_left(query, max_len - len(resp))
     stats["truncated"] = stats.get("truncated", 0) + int(cut)
     return query + resp, len(query)
+
+
+def encode_rankings(path, tok, seq_len):
+    """Each ranked prompt of a rankings file as {"seqs": its K responses, each encoded with the prompt as (ids,
+    n_query) by encode_example, "ranking"}; a ranking with a response that does not fit is dropped (counted)."""
+    records, stats, out = load_rankings(path), {}, []
+    for r in records:
+        seqs = [encode_example(tok, r["prompt"], resp, seq_len, stats) for resp in r["responses"]]
+        if all(seqs):
+            out.append({"seqs": seqs, "ranking": r["ranking"]})
+    warn_counts(path, stats, len(records))
+    return out
 
 
 def warn_counts(name, stats, total):

@@ -12,7 +12,8 @@ import pytest
 import assignment
 
 ROOT = Path(__file__).resolve().parent.parent
-EXERCISES = ["attention", "sft_loss_mask", "ranking_loss", "kl_rewards", "gae", "ppo_losses", "ptx_loss", "adaptive_kl"]
+EXERCISES = ["attention", "sft_loss_mask", "ranking_loss", "kl_rewards", "gae", "ppo_losses", "ptx_loss", "adaptive_kl",
+             "group_advantages", "dpo_loss"]
 
 
 def run(args, cwd):
@@ -36,7 +37,7 @@ def test_student_copy_fails_every_exercise_test_and_the_reference_passes_them(tm
     # (a) the student copy: the same files; the marked functions' bodies are the stub, all else is unchanged
     res = run(["assignment.py", "--out", str(student)], ROOT)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert "8 exercises stubbed" in res.stdout, res.stdout
+    assert f"{len(EXERCISES)} exercises stubbed" in res.stdout, res.stdout
     files = list(assignment.repo_files(ROOT))
     assert list(assignment.repo_files(student)) == files
     stubbed = []

@@ -5,6 +5,7 @@ The tests of an exercise call only that exercise's function (the ptx_loss tests 
 attention of their own), so the exercises can be done in any order."""
 import itertools
 import math
+import statistics
 from types import SimpleNamespace
 
 import pytest
@@ -15,7 +16,8 @@ import torch.nn.functional as F
 import model
 from data.batches import text_windows
 from model import GPT, GPTConfig, attention
-from ppo import AdaptiveKLController, compute_gae, compute_rewards, ppo_losses, ptx_loss
+from dpo import dpo_loss
+from ppo import AdaptiveKLController, compute_gae, compute_rewards, group_advantages, ppo_losses, ptx_loss
 from reward import better_than, ranking_loss
 from sft import collate, loss_mask
 
@@ -306,3 +308,51 @@ def test_adaptive_kl_clips_the_error_at_0_2():
         ctl = AdaptiveKLController(kl_coef=0.5, target=6.0, horizon=100)
         ctl.update(kl, 10)
         assert ctl.kl_coef == pytest.approx(0.5 * (1 + error * 10 / 100), rel=1e-12), kl
+
+
+# --- group_advantages (ppo.py) ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("estimator", ["grpo", "rloo"])
+def test_group_advantages_match_a_loop_per_group(estimator):
+    """Each response against the others of its group of G: centred and scaled (grpo), or minus the mean of the
+    other G - 1 (rloo); a group whose rewards are all equal gets advantages 0."""
+    torch.manual_seed(0)
+    G = 4
+    rewards = torch.randn(3 * G)
+    rewards[G:2 * G] = 0.5  # a group whose responses all scored alike: no signal, advantages 0
+    got = group_advantages(rewards, G, estimator)
+    for g in range(3):
+        group = rewards[g * G:(g + 1) * G].tolist()
+        for i, r in enumerate(group):
+            if estimator == "grpo":
+                want = (r - statistics.mean(group)) / (statistics.stdev(group) + 1e-8)
+            else:
+                want = r - sum(group[j] for j in range(G) if j != i) / (G - 1)
+            assert got[g * G + i].item() == pytest.approx(want, abs=1e-5), (estimator, g, i)
+
+
+# --- dpo_loss (dpo.py) ----------------------------------------------------------------------------------------
+def test_dpo_loss_matches_a_loop_over_the_ranked_pairs():
+    """Per prompt, the mean over its C(K,2) pairs of -log sigmoid(beta * (log-ratio of y_w - log-ratio of y_l))."""
+    torch.manual_seed(0)
+    logps, ref_logps, beta = -10 * torch.rand(2, 3), -10 * torch.rand(2, 3), 0.5
+    rankings = [[2, 0, 1], [1, 0]]  # best first; the second prompt has K = 2, its third slot is padding
+    better, expected = torch.zeros(2, 3, 3, dtype=torch.bool), []
+    for p, ranking in enumerate(rankings):
+        losses = []
+        for w, l in itertools.combinations(ranking, 2):
+            better[p, w, l] = True
+            z = beta * ((logps[p, w] - ref_logps[p, w]) - (logps[p, l] - ref_logps[p, l])).item()
+            losses.append(math.log(1 + math.exp(-z)))
+        expected.append(sum(losses) / len(losses))
+    assert_close(dpo_loss(logps, ref_logps, better, beta), torch.tensor(expected))
+
+
+def test_dpo_loss_gradient_raises_the_chosen_and_lowers_the_rejected():
+    """One pair: d loss / d log pi(y_w) = -beta * sigmoid(-z) and d loss / d log pi(y_l) = +beta * sigmoid(-z)."""
+    logps = torch.tensor([[-5.0, -7.0]], requires_grad=True)
+    ref_logps, beta = torch.tensor([[-6.0, -6.5]]), 0.2
+    better = torch.tensor([[[False, False], [True, False]]])  # response 1 ranked above response 0
+    dpo_loss(logps, ref_logps, better, beta).sum().backward()
+    z = beta * ((-7.0 + 6.5) - (-5.0 + 6.0))
+    s = 1 / (1 + math.exp(z))  # sigmoid(-z)
+    assert_close(logps.grad, torch.tensor([[beta * s, -beta * s]]))

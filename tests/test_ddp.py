@@ -1,5 +1,5 @@
 """torchrun with 2 CPU processes (gloo) computes what one process computes with the same global batch:
-the same losses and metrics step by step and the same final weights, for sft.py, reward.py and ppo.py."""
+the same losses and metrics step by step and the same final weights, for sft.py, reward.py, ppo.py and dpo.py."""
 import json
 
 import pytest
@@ -48,9 +48,11 @@ def test_reward_two_processes_match_one(tmp_path):
     assert_same_weights(tmp_path / "one" / "ckpt.pt", tmp_path / "two" / "ckpt.pt")
 
 
-def test_ppo_two_processes_match_one(tmp_path):
+@pytest.mark.parametrize("advantage", ["gae", "grpo"])
+def test_ppo_two_processes_match_one(tmp_path, advantage):
     """Two PPO-ptx iterations: the rollouts (sampled in halves with the same random numbers), RM scores,
-    globally whitened advantages, minibatch steps and ptx batches all agree with one process."""
+    globally whitened advantages (or GRPO's group baselines, over groups split between the processes),
+    minibatch steps and ptx batches all agree with one process."""
     write_tiny_data(tmp_path)
     torch.manual_seed(0)
     sft = GPT(GPTConfig(block_size=64, vocab_size=258, n_layer=1, n_head=2, n_embd=32))
@@ -63,7 +65,8 @@ def test_ppo_two_processes_match_one(tmp_path):
     args = [str(ROOT / "ppo.py"), "--sft", "sft.pt", "--rm", "rm.pt", "--prompts", "prompts.jsonl",
             "--ptx-data", "text.txt", "--ptx-coef", "0.5", "--ptx-batch-size", "4", "--ptx-seq-len", "16",
             "--total-episodes", "16", "--batch-size", "8", "--minibatch-size", "4", "--ppo-epochs", "2",
-            "--max-new-tokens", "12", "--lr", "1e-3", "--warmup-iters", "0", "--device", "cpu"]
+            "--max-new-tokens", "12", "--lr", "1e-3", "--warmup-iters", "0", "--device", "cpu",
+            "--advantage", advantage]
     run([*args, "--out-dir", "one"], tmp_path)
     run([*args, "--out-dir", "two"], tmp_path, nproc=2)
     for key in ("score", "kl", "exact_kl", "entropy", "response_length", "non_score_reward"):
@@ -71,4 +74,24 @@ def test_ppo_two_processes_match_one(tmp_path):
         assert len(one) == 2 and one == pytest.approx(two, rel=1e-4, abs=1e-5), key
     assert metrics(tmp_path / "one", "kl")[1] != 0  # the first update moved the policy away from SFT
     assert_same_weights(tmp_path / "one" / "ckpt.pt", tmp_path / "two" / "ckpt.pt")
-    assert_same_weights(tmp_path / "one" / "ckpt.pt", tmp_path / "two" / "ckpt.pt", key="value_model")
+    if advantage == "gae":
+        assert_same_weights(tmp_path / "one" / "ckpt.pt", tmp_path / "two" / "ckpt.pt", key="value_model")
+
+
+def test_dpo_two_processes_match_one(tmp_path):
+    """Four DPO steps: each process takes its share of the ranked prompts; losses, pair metrics, validation and
+    the final weights agree with one process."""
+    write_tiny_data(tmp_path)
+    torch.manual_seed(0)
+    sft = GPT(GPTConfig(block_size=64, vocab_size=258, n_layer=1, n_head=2, n_embd=32))
+    save_checkpoint(tmp_path / "sft.pt", sft, {}, "byte")
+    args = [str(ROOT / "dpo.py"), "--sft", "sft.pt", "--data", "rank.jsonl", "--val-data", "rank.jsonl",
+            "--max-iters", "4", "--batch-size", "4", "--micro-batch-size", "1", "--lr", "1e-3", "--log-interval", "1",
+            "--device", "cpu"]
+    run([*args, "--out-dir", "one"], tmp_path)
+    run([*args, "--out-dir", "two"], tmp_path, nproc=2)
+    for key in ("loss", "accuracy", "margin", "val_accuracy"):
+        one, two = metrics(tmp_path / "one", key), metrics(tmp_path / "two", key)
+        assert len(one) >= 2 and one == pytest.approx(two, rel=1e-4, abs=1e-5), key
+    assert len(set(metrics(tmp_path / "one", "loss"))) > 1  # it trained: the loss moved
+    assert_same_weights(tmp_path / "one" / "ckpt.pt", tmp_path / "two" / "ckpt.pt")
