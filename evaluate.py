@@ -14,6 +14,8 @@ Each model answers every held-out prompt once (sampled at --temperature), and is
                      model's own samples, at the sampling temperature, averaged over prompts; for a
                      deterministic policy (greedy, constant) KL(delta_y || pi_SFT) = -log pi_SFT(y)
     pretrain_loss    next-token loss on held-out pretraining text (the "alignment tax", section 4.2)
+    train_seconds    the training stage's wall time, from the metrics.jsonl next to the checkpoint (its
+                     last record's "time"); for best_of_n, the time its N samples per prompt took here
     mean_length      response tokens before end-of-text; distinct: the share of distinct responses
     honesty          the analogue of the paper's Figures 4-6: false premises accepted (of the false-premise
                      prompts), compliance with forbidden requests, refusals of their benign look-alikes,
@@ -33,6 +35,8 @@ Models (each only when its checkpoint is given; --sft and --rm are required):
                      family and ignores the rest of the prompt
     sft_greedy       the SFT model decoded greedily (temperature 0): RLHF should beat this, not only SFT
     sft, ppo, ppo_ptx  the stage checkpoints
+    dpo, grpo, rloo    the alternatives to PPO on the same data: dpo.py on the rankings, ppo.py with
+                     --advantage grpo / rloo against the same RM
     best_of_n        N SFT samples per prompt, the one with the highest score (by the rule above) kept.
                      Its KL is the analytic value log N - (N - 1) / N (Stiennon et al. 2020; Gao, Schulman &
                      Hilton 2022), an upper bound on the true KL (Beirami et al. 2024)
@@ -77,8 +81,8 @@ from data.world import FAMILIES, REFUSAL, gold_answer, is_false_premise, parse_p
 from sampling import (UNENDED_SCORE, decode_response, encode_queries, load_policy, make_generator, sample_responses,
                       score_responses, unended_rule)
 
-MODELS = ("base", "base_prompted", "constant", "family_constant", "sft_greedy", "sft", "ppo", "ppo_ptx",
-          "best_of_n")  # the report's order
+MODELS = ("base", "base_prompted", "constant", "family_constant", "sft_greedy", "sft", "ppo", "ppo_ptx", "dpo",
+          "grpo", "rloo", "best_of_n")  # the report's order
 
 
 @dataclass
@@ -89,6 +93,9 @@ class EvalConfig:
     base: str | None = None  # the pretrained base checkpoint: evaluates base (and base_prompted)
     ppo: str | None = None  # the PPO checkpoint
     ppo_ptx: str | None = None  # the PPO-ptx checkpoint
+    dpo: str | None = None  # the DPO checkpoint (dpo.py)
+    grpo: str | None = None  # the GRPO checkpoint (ppo.py --advantage grpo)
+    rloo: str | None = None  # the RLOO checkpoint (ppo.py --advantage rloo)
     few_shot_data: str | None = None  # demonstrations for base_prompted's few-shot prefix (needs --base)
     few_shot_k: int = 3  # demonstrations in the few-shot prefix
     pretrain_val: str | None = None  # held-out pretraining text for the alignment tax
@@ -150,6 +157,16 @@ def response_logprobs(model, contexts, responses, temperature, batch_size):
         counted = torch.arange(lp.size(1))[None, :] >= first[:, None]  # (B, T-1)
         out += torch.where(counted, lp, 0.0).sum(1).tolist()
     return out
+
+
+def train_seconds(path):
+    """Seconds the stage that wrote checkpoint `path` trained for: the last "time" in the metrics.jsonl
+    beside it; None for no checkpoint or no log (GPT-2 weights)."""
+    if not path or not Path(path).is_file() or not (log := Path(path).parent / "metrics.jsonl").is_file():
+        return None
+    times = [r["time"] for line in log.read_text().splitlines() if line.strip()
+             for r in [json.loads(line)] if isinstance(r, dict) and "time" in r]
+    return times[-1] if times else None
 
 
 @torch.no_grad()
@@ -336,12 +353,12 @@ def _ci(value, ci, fmt=".3f"):
 def markdown_table(report):
     models = report["models"]
     lines = ["| model | win rate vs SFT [95% CI] | gold score [95% CI] | accuracy [95% CI] | RM score | KL vs SFT "
-             "| pretrain loss | length | distinct |", "|---|---|---|---|---|---|---|---|---|"]
+             "| pretrain loss | length | distinct | train s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, m in models.items():
         lines.append(f"| {name} | {_ci(m['win_rate_vs_sft'], m['win_rate_ci'])} | "
                      f"{_ci(m['gold_score'], m['gold_score_ci'])} | {_ci(m['accuracy'], m['accuracy_ci'])} | "
                      f"{m['rm_score']:+.3f} | {m['kl_vs_sft']:.2f} | {_f(m['pretrain_loss'])} | "
-                     f"{m['mean_length']:.1f} | {m['distinct']:.2f} |")
+                     f"{m['mean_length']:.1f} | {m['distinct']:.2f} | {_f(m.get('train_seconds'), '.0f')} |")
     ref = report.get("gold_reference")
     if ref:
         lines.append(f"\nThe gold answers themselves: length {ref['mean_length']:.1f} tokens, distinct {ref['distinct']:.2f}.")
@@ -508,7 +525,8 @@ def main():
             contexts = few_shot_contexts(tok, load_sft(cfg.few_shot_data), queries, cfg.few_shot_k, cfg.seed, max_query)
             runs["base_prompted"] = run_policy("base_prompted", base, contexts, queries, sft, rm, tok, cfg)
         del base
-    for name, path in (("ppo", cfg.ppo), ("ppo_ptx", cfg.ppo_ptx)):
+    for name in ("ppo", "ppo_ptx", "dpo", "grpo", "rloo"):
+        path = getattr(cfg, name)
         if path:
             model = load_like(path, sft, tokenizer, device)
             runs[name] = run_policy(name, model, queries, queries, sft, rm, tok, cfg)
@@ -523,6 +541,8 @@ def main():
     for name in (n for n in MODELS if n in runs):
         entry, rows = summarise(runs[name], runs["sft"], prompts, tok, cfg)
         entry["pretrain_loss"] = tax.get(name)  # None for the constant policies: no weights
+        entry["train_seconds"] = (runs[name]["seconds"] if name == "best_of_n"  # its cost is at sampling time
+                                  else train_seconds(getattr(cfg, name, None)))
         report["models"][name] = entry
         report["seconds"][name] = round(runs[name]["seconds"], 3)
         for record, row in zip(per_prompt, rows):

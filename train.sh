@@ -10,6 +10,11 @@
 #   bash train.sh seeds        # the world pipeline for seeds 0 1 2 (or SEEDS="..."), then mean and spread
 #   OFF_PROMPT=0 bash train.sh # rankings of SFT samples only, as in the paper (default 1: each ranking also
 #                              # holds one sample written for another prompt; see data/README.md)
+#   ALGOS="dpo grpo rloo" bash train.sh   # also the alternatives to PPO (dpo.py; ppo.py --advantage grpo|rloo),
+#                              # each a row of the evaluation (any subset; about 5-10 more minutes each)
+#   bash train.sh overopt      # reward over-optimisation: PPO at a small KL penalty against the RM and against a
+#                              # proxy RM trained on 1/8 of the rankings, and best-of-n, each judged by the gold
+#                              # judge along the way (experiments/overoptimisation.py; about 20 minutes after the RM)
 #
 # Each stage is skipped when its output exists and is finished (unless FORCE=1); an interrupted stage
 # is rerun from the start (or continue it by hand with its script's --resume). Extra arguments for a stage can be
@@ -23,7 +28,11 @@ FORCE=${FORCE:-0}
 PY=${PYTHON:-python}
 LAUNCH=${LAUNCH:-$PY}  # runs the training scripts; LAUNCH="torchrun --standalone --nproc_per_node=4" for 4 GPUs
 MODE=${1:-world}
-[[ $MODE == world || $MODE == hh || $MODE == seeds ]] || { echo "usage: bash train.sh [world|hh|seeds]" >&2; exit 2; }
+ALGOS=${ALGOS:-}
+[[ $MODE =~ ^(world|hh|seeds|overopt)$ ]] || { echo "usage: bash train.sh [world|hh|seeds|overopt]" >&2; exit 2; }
+for a in $ALGOS; do
+  [[ $a =~ ^(dpo|grpo|rloo)$ ]] || { echo "ALGOS: unknown algorithm '$a' (dpo, grpo, rloo)" >&2; exit 2; }
+done
 if [[ $MODE == seeds ]]; then  # the whole world pipeline once per seed (world, init, data order, sampling)
   reports=()
   for s in ${SEEDS:-0 1 2}; do
@@ -36,7 +45,13 @@ fi
 W=$RUNS/world
 start=$(date +%s)
 
-finished() {  # a checkpoint that loads and whose run did all its steps (common.stage_finished); other files: exist
+finished() {  # a checkpoint that loads and whose run did all its steps (common.stage_finished); a report that has
+  # a row for each of $ALGOS; other files: exist
+  if [[ $1 == */report.json ]]; then
+    $PY -c "import json, sys; sys.exit(0 if set(sys.argv[2:]) <= set(json.load(open(sys.argv[1]))['models']) else 1)" \
+      "$1" $ALGOS
+    return
+  fi
   [[ $1 != *.pt ]] && return 0
   $PY -c "import sys, common; sys.exit(0 if common.stage_finished(sys.argv[1]) else 1)" "$1"
 }
@@ -109,6 +124,10 @@ if [[ $QUICK == 1 ]]; then
   RANK_PROMPTS=(--max-prompts 40 --max-new-tokens 64)
   RM=(--max-iters 10 --batch-size 8 --micro-batch-size 8)
   PPO=(--total-episodes 64 --batch-size 16 --minibatch-size 8 --ppo-epochs 1 --max-new-tokens 64 --sample-interval 1000)
+  DPO=(--max-iters 10 --batch-size 8 --micro-batch-size 8)
+  OVEROPT_PPO=(--total-episodes 64 --batch-size 16 --minibatch-size 8 --ppo-epochs 1 --max-new-tokens 64
+               --sample-interval 1000 --save-interval 2)
+  OVEROPT=(--max-prompts 8 --max-n 4 --max-new-tokens 64)
   EVAL=(--max-prompts 40 --max-new-tokens 64 --best-of 2)
 else
   WORLD=()
@@ -118,6 +137,9 @@ else
   RANK_PROMPTS=()
   RM=(--epochs 1.5 --batch-size 32 --micro-batch-size 16 --lr 1e-4 --eval-interval 1000)
   PPO=(--total-episodes 2560 --kl-coef 0.3)  # 40 iterations; kl_coef on the RM's normalised scale
+  DPO=()
+  OVEROPT_PPO=(--total-episodes 2560 --kl-coef 0 --lr 3e-5 --save-interval 5)  # a small KL penalty: KL grows
+  OVEROPT=(--max-n 64)
   EVAL=()
 fi
 
@@ -153,6 +175,32 @@ stage "reward model" "$RUNS/rm/ckpt.pt" $LAUNCH reward.py --init "$RUNS/sft/ckpt
   --data "$RUNS/rankings/rm_train.jsonl" --val-data "$RUNS/rankings/rankings_val.jsonl" \
   --demo-data "$W/sft_val.jsonl" --out-dir "$RUNS/rm" --seed "$SEED" --dtype "$DTYPE" "${RM[@]}" ${RM_ARGS:-}
 
+if [[ $MODE == overopt ]]; then
+  # Reward over-optimisation (Gao et al. 2022): the gold score of PPO's policy along training and of best-of-n
+  # against the KL they move from SFT, for the RM and for a proxy RM trained on 1/PROXY_FRACTION of the rankings.
+  # The two PPO runs share the CPU, one thread each.
+  O=$RUNS/overopt
+  mkdir -p "$O"
+  awk -v k="${PROXY_FRACTION:-8}" 'NR % k == 1' "$RUNS/rankings/rm_train.jsonl" > "$O/rm_small_train.jsonl"
+  stage "small proxy RM" "$O/rm_small/ckpt.pt" $LAUNCH reward.py --init "$RUNS/sft/ckpt.pt" \
+    --data "$O/rm_small_train.jsonl" --val-data "$RUNS/rankings/rankings_val.jsonl" --demo-data "$W/sft_val.jsonl" \
+    --out-dir "$O/rm_small" --seed "$SEED" --dtype "$DTYPE" "${RM[@]}" ${RM_ARGS:-}
+  pids=()
+  for proxy in rm rm_small; do
+    rm_ckpt=$RUNS/rm/ckpt.pt; [[ $proxy == rm_small ]] && rm_ckpt=$O/rm_small/ckpt.pt
+    (export OMP_NUM_THREADS=1; stage "PPO against $proxy, saves kept" "$O/ppo_$proxy/ckpt.pt" $LAUNCH ppo.py \
+      --sft "$RUNS/sft/ckpt.pt" --rm "$rm_ckpt" --prompts "$W/ppo_prompts.jsonl" --out-dir "$O/ppo_$proxy" \
+      --seed "$SEED" --dtype "$DTYPE" --keep-saves "${OVEROPT_PPO[@]}" ${PPO_ARGS:-}) &
+    pids+=($!)
+  done
+  for p in "${pids[@]}"; do wait "$p"; done
+  stage "over-optimisation" "$O/overoptimisation.json" $PY experiments/overoptimisation.py --sft "$RUNS/sft/ckpt.pt" \
+    --prompts "$W/test_prompts.jsonl" --rm "$RUNS/rm/ckpt.pt" --ppo-dir "$O/ppo_rm" --small-rm "$O/rm_small/ckpt.pt" \
+    --small-ppo-dir "$O/ppo_rm_small" --out-dir "$O" --seed "$SEED" "${OVEROPT[@]}"
+  echo "== over-optimisation done in $(( $(date +%s) - start ))s: $O/overoptimisation.json, .md and the figure"
+  exit 0
+fi
+
 # Stage 3: PPO against the RM with a KL penalty to SFT; then PPO-ptx, which mixes in pretraining text.
 stage ppo "$RUNS/ppo/ckpt.pt" $LAUNCH ppo.py --sft "$RUNS/sft/ckpt.pt" --rm "$RUNS/rm/ckpt.pt" \
   --prompts "$W/ppo_prompts.jsonl" --out-dir "$RUNS/ppo" --seed "$SEED" --dtype "$DTYPE" "${PPO[@]}" ${PPO_ARGS:-}
@@ -160,12 +208,28 @@ stage ppo-ptx "$RUNS/ppo_ptx/ckpt.pt" $LAUNCH ppo.py --sft "$RUNS/sft/ckpt.pt" -
   --prompts "$W/ppo_prompts.jsonl" --ptx-data "$W/pretrain.txt" --ptx-coef "${PTX_COEF:-0.02}" \
   --out-dir "$RUNS/ppo_ptx" --seed "$SEED" --dtype "$DTYPE" "${PPO[@]}" ${PPO_ARGS:-}
 
+# The alternatives, on request (ALGOS): DPO on the RM's rankings, and GRPO / RLOO, ppo.py with a group baseline
+# (4 samples per prompt) in place of the value model, against the same RM with the same KL penalty.
+algo_ckpts=()
+for a in $ALGOS; do
+  if [[ $a == dpo ]]; then
+    stage dpo "$RUNS/dpo/ckpt.pt" $LAUNCH dpo.py --sft "$RUNS/sft/ckpt.pt" --data "$RUNS/rankings/rm_train.jsonl" \
+      --val-data "$RUNS/rankings/rankings_val.jsonl" --out-dir "$RUNS/dpo" --seed "$SEED" --dtype "$DTYPE" \
+      "${DPO[@]}" ${DPO_ARGS:-}
+  else
+    stage "$a" "$RUNS/$a/ckpt.pt" $LAUNCH ppo.py --sft "$RUNS/sft/ckpt.pt" --rm "$RUNS/rm/ckpt.pt" \
+      --prompts "$W/ppo_prompts.jsonl" --advantage "$a" --out-dir "$RUNS/$a" --seed "$SEED" --dtype "$DTYPE" \
+      "${PPO[@]}" ${PPO_ARGS:-}
+  fi
+  algo_ckpts+=(--"$a" "$RUNS/$a/ckpt.pt")
+done
+
 # Evaluation: held-out prompts, every model against SFT, judged by the world's gold judge.
 # No few-shot base model (base_prompted) here: the base model was pretrained on 128-token windows, and no
 # demonstration fits before a query in that context once 128 tokens are kept for the answer.
 stage evaluate "$RUNS/eval/report.json" $PY evaluate.py --prompts "$W/test_prompts.jsonl" \
   --val-prompts "$W/val_prompts.jsonl" --base "$RUNS/base/ckpt.pt" --sft "$RUNS/sft/ckpt.pt" --rm "$RUNS/rm/ckpt.pt" \
-  --ppo "$RUNS/ppo/ckpt.pt" --ppo-ptx "$RUNS/ppo_ptx/ckpt.pt" --pretrain-val "$W/pretrain_val.txt" \
+  --ppo "$RUNS/ppo/ckpt.pt" --ppo-ptx "$RUNS/ppo_ptx/ckpt.pt" "${algo_ckpts[@]}" --pretrain-val "$W/pretrain_val.txt" \
   --out-dir "$RUNS/eval" --seed "$SEED" "${EVAL[@]}"
 
 # Training curves: curves.txt (and curves.png, with matplotlib) next to each stage's metrics.jsonl

@@ -46,12 +46,15 @@ def tiny(seed, head="lm"):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """Tiny random checkpoints (ppo is a copy of sft) and a few world prompts, demonstrations and text."""
+    """Tiny random checkpoints (ppo and dpo are copies of sft, grpo and rloo of ppo_ptx) and a few world
+    prompts, demonstrations and text; ppo's training log says it took 12.5 s."""
     d = tmp_path_factory.mktemp("eval")
     for name, seed, head in (("base", 1, "lm"), ("sft", 2, "lm"), ("ppo_ptx", 3, "lm"), ("rm", 4, "scalar")):
         save_checkpoint(d / name / "ckpt.pt", tiny(seed, head), {"seed": seed}, "byte")
-    (d / "ppo").mkdir()
-    shutil.copy(d / "sft" / "ckpt.pt", d / "ppo" / "ckpt.pt")
+    for name, like in (("ppo", "sft"), ("dpo", "sft"), ("grpo", "ppo_ptx"), ("rloo", "ppo_ptx")):
+        (d / name).mkdir()
+        shutil.copy(d / like / "ckpt.pt", d / name / "ckpt.pt")
+    write_jsonl(d / "ppo" / "metrics.jsonl", [{"step": 0, "time": 3.0, "score": 0.1}, {"step": 1, "time": 12.5}])
     rng = random.Random(0)
     tasks = sample_tasks(rng, FAMILIES, "test", 10)
     write_jsonl(d / "prompts.jsonl", [{"prompt": t.prompt} for t in tasks])
@@ -65,6 +68,7 @@ def world(tmp_path_factory):
 def run_evaluate(d, out_dir, *extra):
     cmd = [sys.executable, str(ROOT / "evaluate.py"), "--prompts", "prompts.jsonl", "--sft", "sft/ckpt.pt",
            "--rm", "rm/ckpt.pt", "--base", "base/ckpt.pt", "--ppo", "ppo/ckpt.pt", "--ppo-ptx", "ppo_ptx/ckpt.pt",
+           "--dpo", "dpo/ckpt.pt", "--grpo", "grpo/ckpt.pt", "--rloo", "rloo/ckpt.pt",
            "--few-shot-data", "demos.jsonl", "--pretrain-val", "pretrain_val.txt", "--pretrain-windows", "4",
            "--val-prompts", "val_prompts.jsonl", "--best-of", "3", "--max-new-tokens", "16", "--batch-size", "4",
            "--device", "cpu",
@@ -130,9 +134,13 @@ def test_evaluate_end_to_end(world):
         assert set(m["honesty"]) == {"false_premise_accepted", "harmful_compliance", "benign_refusal", "hedged"}
     models = report["models"]
     # the SFT model against itself, and a copy of it sampled with the same seed: all ties, no KL
-    for name in ("sft", "ppo"):
+    for name in ("sft", "ppo", "dpo"):
         assert models[name]["win_rate_vs_sft"] == 0.5 and models[name]["win_rate_ci"] == [0.5, 0.5]
         assert models[name]["kl_vs_sft"] == 0.0
+    for name in ("grpo", "rloo"):  # each row is its own checkpoint's: copies of ppo_ptx give ppo_ptx's numbers
+        assert {k: models[name][k] for k in FIELDS} == {k: models["ppo_ptx"][k] for k in FIELDS}
+    assert models["ppo"]["train_seconds"] == 12.5 and models["sft"]["train_seconds"] is None  # sft has no log
+    assert models["best_of_n"]["train_seconds"] == pytest.approx(report["seconds"]["best_of_n"], abs=1e-3)
     assert models["best_of_n"]["kl_vs_sft"] == pytest.approx(math.log(3) - 2 / 3)
     assert models["best_of_n"]["pretrain_loss"] == models["sft"]["pretrain_loss"] == models["sft_greedy"]["pretrain_loss"]
     assert models["base_prompted"]["pretrain_loss"] == models["base"]["pretrain_loss"]

@@ -56,7 +56,8 @@ def test_each_response_is_forwarded_once():
     rm = GPT(GPTConfig(block_size=32, vocab_size=40, n_layer=1, n_head=2, n_embd=16, head="scalar"))
     rows_seen = []
     rm.register_forward_hook(lambda mod, args, out: rows_seen.append(args[0].size(0)))
-    prompts = [{"seqs": [[1, 2, 3 + k] + [7] * (5 * k % 4) for k in range(K)], "ranking": list(range(K))} for K in (4, 9, 2)]
+    prompts = [{"seqs": [([1, 2, 3 + k] + [7] * (5 * k % 4), 2) for k in range(K)], "ranking": list(range(K))}
+               for K in (4, 9, 2)]
     rewards, better = forward_prompts(rm, prompts, "cpu")
     assert rows_seen == [4 + 9 + 2]  # K rows per prompt, once each: not 2 * C(K, 2)
     rows_seen.clear()
@@ -145,17 +146,26 @@ def test_bad_config_is_a_one_line_error(tmp_path):
 
 
 def test_quick_pipeline_end_to_end(tmp_path):
-    """QUICK=1 bash train.sh: every stage through its real command line, ending in a complete report."""
+    """QUICK=1 bash train.sh: every stage through its real command line, ending in a complete report; then
+    with ALGOS, the finished stages skipped and the alternatives to PPO trained and added to the report."""
     env = {**os.environ, "QUICK": "1", "RUNS": str(tmp_path), "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}
     res = subprocess.run(["bash", str(ROOT / "train.sh")], env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     from evaluate import MODELS
-    assert list(report["models"]) == [m for m in MODELS if m != "base_prompted"]  # no few-shot base in train.sh
+    algos = ["dpo", "grpo", "rloo"]
+    assert list(report["models"]) == [m for m in MODELS if m not in ["base_prompted", *algos]]  # no few-shot base
     for m in report["models"].values():
         assert math.isfinite(m["win_rate_vs_sft"]) and len(m["win_rate_ci"]) == 2 and math.isfinite(m["kl_vs_sft"])
     for stage in ("base", "sft", "rm", "ppo", "ppo_ptx"):  # the training curves of every stage
         assert (tmp_path / stage / "curves.txt").read_text().count("\n") > 5
-    # a second run skips every finished stage
-    again = subprocess.run(["bash", str(ROOT / "train.sh")], env=env, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and again.stdout.count("skipped") >= 10, again.stdout[-2000:]
+    # a second run skips every finished stage; asked for the alternatives, it trains them and evaluates again
+    bad = subprocess.run(["bash", str(ROOT / "train.sh")], env={**env, "ALGOS": "dpo ppo"}, capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown algorithm 'ppo'" in bad.stderr
+    again = subprocess.run(["bash", str(ROOT / "train.sh")], env={**env, "ALGOS": " ".join(algos)},
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and again.stdout.count("skipped") >= 10, again.stdout[-2000:] + again.stderr[-2000:]
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert list(report["models"]) == [m for m in MODELS if m != "base_prompted"]
+    assert all(report["models"][a]["train_seconds"] > 0 for a in algos)
