@@ -90,6 +90,12 @@ class Dist:
             x /= self.world_size
         return x
 
+    def all_rows(self, x, n):
+        """(n,) the whole batch's values on every rank, from this rank's rows rank, rank + N, ... of it."""
+        full = torch.zeros(n, dtype=x.dtype, device=x.device)
+        full[self.rank::self.world_size] = x
+        return self.all_reduce_mean(full) * self.world_size
+
     def peak_memory(self):
         """', peak GPU memory N GiB' on CUDA (the most this process's tensors held at once), '' elsewhere."""
         if self.device_type != "cuda":

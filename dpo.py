@@ -27,7 +27,6 @@ with 150 warmup steps; batch 32 prompts, not 64 pairs; a tiny model.
 import itertools
 import math
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
@@ -37,7 +36,7 @@ from tqdm import tqdm
 
 from common import Dist, RunConfig, RunLog, cosine_lr, load_model, prepare_model, save_checkpoint, set_seed
 from config import cli, parse_config
-from data.batches import encode_rankings, pad_right, shuffled_indices
+from data.batches import describe_rankings, encode_rankings, pad_right, shuffled_indices
 from data.tokenizer import get_tokenizer
 from model import logprobs_from_logits
 from reliability import Interrupt, NonFiniteGuard, preflight, resume_training, training_state
@@ -206,10 +205,7 @@ def main():
     # the SFT model's longest demonstration: evaluate.py and sample.py check that they let the policy say that much
     longest = {k: v for k, v in (sft_ckpt or {}).items() if k == "max_response_tokens"}
     if d.master:
-        ks = defaultdict(int)
-        for p in train:
-            ks[len(p["seqs"])] += 1
-        print(f"DPO: {len(train)} ranked prompts (K: {dict(sorted(ks.items()))}), {max_iters} steps, device {d.device}")
+        print(f"DPO: {describe_rankings(train)}, {max_iters} steps, device {d.device}")
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), d.device_type)
 
     # -- plumbing (skip on a first read): --resume, periodic saves, Ctrl-C, non-finite steps; see reliability.py

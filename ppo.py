@@ -158,7 +158,8 @@ def old_logprobs_and_values(policy, ref_policy, value_model, ro, cfg, d):
     with d.autocast():
         logprobs, logits = forward_response(policy, ro.seq, ro.attention_mask, ro.n_query, cfg.temperature)
         ref_logprobs, ref_logits = forward_response(ref_policy, ro.seq, ro.attention_mask, ro.n_query, cfg.temperature)
-        values = value_of_response(value_model, ro.seq, ro.attention_mask, ro.n_query) if value_model else None
+        values = (value_of_response(value_model, ro.seq, ro.attention_mask, ro.n_query)
+                  if value_model is not None else None)
     logp_all, ref_logp_all = F.log_softmax(logits, -1), F.log_softmax(ref_logits, -1)
     exact_kl = ((logp_all.exp() * (logp_all - ref_logp_all)).sum(-1) * mask).sum(1)
     entropy = (-(logp_all.exp() * logp_all).sum(-1) * mask).sum() / mask.sum()
@@ -271,7 +272,8 @@ def ppo_update(ddp_policy, ddp_value_model, optimizers, guard, ro, old, it, cfg,
     local_mb = cfg.minibatch_size // d.world_size
     n_mb = cfg.batch_size // cfg.minibatch_size
     ptx_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + it)
-    acc = {"pg_loss": 0.0, "vf_loss": 0.0, "ptx_loss": 0.0, "approx_kl": 0.0, "clipfrac": 0.0, "vf_clipfrac": 0.0}
+    acc = dict.fromkeys(["pg_loss", "approx_kl", "clipfrac"] + ["ptx_loss"] * (ptx_tokens is not None)
+                        + ["vf_loss", "vf_clipfrac"] * (ddp_value_model is not None), 0.0)
     n_steps = 0
     for m in models:
         m.train()
@@ -298,7 +300,7 @@ def ppo_update(ddp_policy, ddp_value_model, optimizers, guard, ro, old, it, cfg,
             del mb_logits
             if ddp_value_model is not None:
                 old_values, returns = old["values"][mb, :r], old["returns"][mb, :r]
-            else:  # no value model: the value terms are computed on zeros and are 0
+            else:  # GRPO, RLOO: no value model; the value terms, on zeros, are 0 and left out of the stats
                 vpred = old_values = returns = torch.zeros_like(new_logprobs)
             pg_loss, vf_loss, st = ppo_losses(new_logprobs, old["logprobs"][mb, :r], old["advantages"][mb, :r],
                                               vpred, old_values, returns, mask[mb, :r], cfg, n_tokens)
@@ -320,15 +322,10 @@ def ppo_update(ddp_policy, ddp_value_model, optimizers, guard, ro, old, it, cfg,
             if guard.ok(it, loss, vf_loss, *grad_norms):
                 for opt in optimizers:
                     opt.step()
-            acc["pg_loss"] += pg_loss.item()
-            acc["vf_loss"] += vf_loss.item()
-            for key, v in st.items():
-                acc[key] += v
+            for key, v in {"pg_loss": pg_loss.item(), "vf_loss": vf_loss.item(), **st}.items():
+                if key in acc:
+                    acc[key] += v
             n_steps += 1
-    for key, unused in (("ptx_loss", ptx_tokens is None), ("vf_loss", ddp_value_model is None),
-                        ("vf_clipfrac", ddp_value_model is None)):
-        if unused:
-            del acc[key]
     return {key: v / n_steps for key, v in acc.items()}
 
 
@@ -366,13 +363,6 @@ def iteration_metrics(d, ro, scores, kl, non_score_reward, exact_kl, entropy, va
         real = ro.response_mask.bool()
         out["explained_variance"] = (1 - (returns - values)[real].var() / returns[real].var().clamp(min=1e-8)).item()
     return out
-
-
-def whole_batch(x, batch_size, d):
-    """(batch_size,) the values of every process's rollouts, from this process's rows rank, rank + N, ..."""
-    full = torch.zeros(batch_size, device=x.device)
-    full[d.rank::d.world_size] = x
-    return d.all_reduce_mean(full) * d.world_size
 
 
 def main():
@@ -435,7 +425,7 @@ def main():
             advantages, returns = compute_gae(rewards, values, mask, cfg.gamma, cfg.lam)  # 4. GAE, then whitened
             advantages = masked_whiten(advantages, mask, d)
         else:  # 4. GRPO / RLOO: each response's total reward against its group's, at all its tokens
-            total = whole_batch(rewards.sum(1), cfg.batch_size, d)  # (batch_size,): groups may span processes
+            total = d.all_rows(rewards.sum(1), cfg.batch_size)  # (batch_size,): groups may span processes
             advantages = group_advantages(total, G, cfg.advantage)[d.rank::d.world_size, None] * mask
             returns = None
         t_score = time.time() - t0 - t_gen

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from common import Dist, RunConfig, RunLog, cosine_lr, load_model, prepare_model, save_checkpoint, set_seed
 from config import cli, parse_config
-from data.batches import encode_example, encode_rankings, pad_right, shuffled_indices, warn_counts
+from data.batches import describe_rankings, encode_example, encode_rankings, pad_right, shuffled_indices, warn_counts
 from data.formats import load_sft
 from data.tokenizer import get_tokenizer
 from reliability import Interrupt, NonFiniteGuard, preflight, resume_training, training_state
@@ -196,10 +196,7 @@ def main():
     val = encode_rankings(cfg.val_data, tok, seq_len) if cfg.val_data else []
     max_iters = cfg.max_iters or max(1, round(cfg.epochs * len(train) / cfg.batch_size))
     if d.master:
-        ks = defaultdict(int)
-        for p in train:
-            ks[len(p["seqs"])] += 1
-        print(f"RM: {len(train)} ranked prompts (K: {dict(sorted(ks.items()))}), {max_iters} steps, device {d.device}")
+        print(f"RM: {describe_rankings(train)}, {max_iters} steps, device {d.device}")
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), d.device_type)
 
     # -- plumbing (skip on a first read): --resume, periodic saves, Ctrl-C, non-finite steps; see reliability.py

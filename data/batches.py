@@ -52,6 +52,14 @@ def encode_rankings(path, tok, seq_len):
     return out
 
 
+def describe_rankings(prompts):
+    """'N ranked prompts (K: {K: count, ...})' of encode_rankings' output, for a stage's first line."""
+    ks = {}
+    for p in prompts:
+        ks[len(p["seqs"])] = ks.get(len(p["seqs"]), 0) + 1
+    return f"{len(prompts)} ranked prompts (K: {dict(sorted(ks.items()))})"
+
+
 def warn_counts(name, stats, total):
     """Say how many examples were truncated or dropped: never silently."""
     for what in ("truncated", "dropped"):
