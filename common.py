@@ -230,16 +230,20 @@ def load_rl_models(cfg, d):
     """The models of RL fine-tuning (ppo.py): the policy and the frozen reference pi_SFT from cfg.sft, the
     frozen RM and the value model from cfg.rm (None for GRPO and RLOO; with --resume: the interrupted run's
     policy and value model), the policy's EMA when cfg.ema_decay > 0 (else None); then the tokenizer and the
-    resumed checkpoint (or None)."""
-    sft_ckpt, rm_ckpt = load_checkpoint(cfg.sft, kind="lm"), load_checkpoint(cfg.rm, kind="scalar")
-    if sft_ckpt["tokenizer"] != rm_ckpt["tokenizer"]:
+    resumed checkpoint (or None). With cfg.rm "gold" (the world's gold judge) there is no RM (None) and the
+    value model starts from the SFT trunk with a fresh scalar head."""
+    sft_ckpt = load_checkpoint(cfg.sft, kind="lm")
+    rm_ckpt = None if cfg.rm == "gold" else load_checkpoint(cfg.rm, kind="scalar")
+    if rm_ckpt is not None and sft_ckpt["tokenizer"] != rm_ckpt["tokenizer"]:
         raise ValueError(f"{cfg.sft} uses tokenizer {sft_ckpt['tokenizer']} but {cfg.rm} uses {rm_ckpt['tokenizer']}")
     check_max_new_tokens(sft_ckpt, cfg.max_new_tokens, cfg.sft)
     policy = model_from_checkpoint(sft_ckpt, head="lm", dropout=0.0).to(d.device)
     ref_policy = model_from_checkpoint(sft_ckpt, head="lm", dropout=0.0).to(d.device).eval().requires_grad_(False)
-    reward_model = model_from_checkpoint(rm_ckpt, dropout=0.0).to(d.device).eval().requires_grad_(False)
+    reward_model = (model_from_checkpoint(rm_ckpt, dropout=0.0).to(d.device).eval().requires_grad_(False)
+                    if rm_ckpt is not None else None)
     # GRPO and RLOO (--advantage grpo|rloo) use a group baseline instead of a value model
-    value_model = model_from_checkpoint(rm_ckpt, dropout=0.0).to(d.device) if cfg.advantage == "gae" else None
+    value_model = (model_from_checkpoint(rm_ckpt or sft_ckpt, head="scalar", dropout=0.0).to(d.device)
+                   if cfg.advantage == "gae" else None)
     ema = copy.deepcopy(policy).requires_grad_(False) if cfg.ema_decay > 0 else None
     resumed = None
     if cfg.resume:  # the interrupted run's models; ckpt.pt's "model" is the EMA when there is one
@@ -252,11 +256,12 @@ def load_rl_models(cfg, d):
     trained = [m for m in (policy, value_model) if m is not None]
     for m in trained:
         m.gradient_checkpointing = cfg.grad_checkpointing
+    frozen = [m for m in (ref_policy, reward_model) if m is not None]
     if cfg.frozen_bf16 and d.device_type == "cuda":  # inference only: bf16 weights halve their memory
-        ref_policy.to(torch.bfloat16)
-        reward_model.to(torch.bfloat16)
+        for m in frozen:
+            m.to(torch.bfloat16)
     if cfg.compile:
-        for m in (*trained, ref_policy, reward_model):
+        for m in (*trained, *frozen):
             m.compile()
     return policy, ref_policy, reward_model, value_model, ema, get_tokenizer(sft_ckpt["tokenizer"]), resumed
 

@@ -17,6 +17,10 @@ Each model answers every held-out prompt once (sampled at --temperature), and is
     train_seconds    the training stage's wall time, from the metrics.jsonl next to the checkpoint (its
                      last record's "time"); for best_of_n, the time its N samples per prompt took here
     mean_length      response tokens before end-of-text; distinct: the share of distinct responses
+    greedy_accuracy  the accuracy of the same policy decoded greedily (temperature 0); for sft, sft_greedy's
+    paired_vs_sft    accuracy and gold score minus SFT's on the same prompt, averaged over prompts, with a
+                     95% interval from the per-prompt differences: a paired comparison, far narrower than
+                     the difference of two independent intervals
     honesty          the analogue of the paper's Figures 4-6: false premises accepted (of the false-premise
                      prompts), compliance with forbidden requests, refusals of their benign look-alikes,
                      hedged responses (of all)
@@ -35,6 +39,8 @@ Models (each only when its checkpoint is given; --sft and --rm are required):
                      family and ignores the rest of the prompt
     sft_greedy       the SFT model decoded greedily (temperature 0): RLHF should beat this, not only SFT
     sft, ppo, ppo_ptx  the stage checkpoints
+    ppo_gold         ppo.py --rm gold: PPO with the gold judge itself as the reward, the ceiling of PPO with a
+                     learnt RM (a verifiable reward, not the paper's recipe)
     dpo, grpo, rloo    the alternatives to PPO on the same data: dpo.py on the rankings, ppo.py with
                      --advantage grpo / rloo against the same RM
     best_of_n        N SFT samples per prompt, the one with the highest score (by the rule above) kept.
@@ -81,8 +87,9 @@ from data.world import FAMILIES, REFUSAL, gold_answer, is_false_premise, parse_p
 from sampling import (UNENDED_SCORE, decode_response, encode_queries, load_policy, make_generator, sample_responses,
                       score_responses, unended_rule)
 
-MODELS = ("base", "base_prompted", "constant", "family_constant", "sft_greedy", "sft", "ppo", "ppo_ptx", "dpo",
-          "grpo", "rloo", "best_of_n")  # the report's order
+MODELS = ("base", "base_prompted", "constant", "family_constant", "sft_greedy", "sft", "ppo", "ppo_ptx", "ppo_gold",
+          "dpo", "grpo", "rloo", "best_of_n")  # the report's order
+POLICIES = ("ppo", "ppo_ptx", "ppo_gold", "dpo", "grpo", "rloo")  # trained policies: each also decoded greedily
 
 
 @dataclass
@@ -93,6 +100,7 @@ class EvalConfig:
     base: str | None = None  # the pretrained base checkpoint: evaluates base (and base_prompted)
     ppo: str | None = None  # the PPO checkpoint
     ppo_ptx: str | None = None  # the PPO-ptx checkpoint
+    ppo_gold: str | None = None  # PPO with the gold judge as its reward (ppo.py --rm gold): RLHF's ceiling
     dpo: str | None = None  # the DPO checkpoint (dpo.py)
     grpo: str | None = None  # the GRPO checkpoint (ppo.py --advantage grpo)
     rloo: str | None = None  # the RLOO checkpoint (ppo.py --advantage rloo)
@@ -135,6 +143,19 @@ def mean_ci(values):
     s = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
     half = 1.96 * s / math.sqrt(n)
     return mean, [max(0.0, mean - half), min(1.0, mean + half)]
+
+
+def paired_ci(values, reference):
+    """(mean, [lo, hi]) of the per-prompt differences values[i] - reference[i]: the 95% normal-approximation
+    interval mean +- 1.96 * s / sqrt(n), s the sample standard deviation of the differences (not clipped)."""
+    diffs = [a - b for a, b in zip(values, reference)]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    if n < 2:
+        return mean, [-1.0, 1.0]
+    s = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
+    half = 1.96 * s / math.sqrt(n)
+    return mean, [mean - half, mean + half]
 
 
 def best_of_n_kl(n):
@@ -331,8 +352,16 @@ def summarise(run, sft_run, prompts, tok, cfg):
              "family_accuracy": {}}
     if parts is not None:
         tasks = [parse_prompt(p) for p in prompts]
-        entry["gold_score"], entry["gold_score_ci"] = mean_ci([p["score"] for p in parts])
-        entry["accuracy"], entry["accuracy_ci"] = mean_ci([float(p["content"] == 1.0) for p in parts])
+        sft_parts = [assess(p, t) for p, t in zip(prompts, sft_texts)]
+        gold, sft_gold = [p["score"] for p in parts], [p["score"] for p in sft_parts]
+        right, sft_right = [float(p["content"] == 1.0) for p in parts], [float(p["content"] == 1.0) for p in sft_parts]
+        entry["gold_score"], entry["gold_score_ci"] = mean_ci(gold)
+        entry["accuracy"], entry["accuracy_ci"] = mean_ci(right)
+        entry["paired_vs_sft"] = {"accuracy": paired_ci(right, sft_right), "gold_score": paired_ci(gold, sft_gold)}
+        if "greedy" in run:
+            greedy_texts = [decode_response(tok, r) for r in run["greedy"]]
+            entry["greedy_accuracy"], entry["greedy_accuracy_ci"] = mean_ci(
+                [float(assess(p, t)["content"] == 1.0) for p, t in zip(prompts, greedy_texts)])
         entry["exact"] = sum(p["exact"] for p in parts) / n
         entry["family_accuracy"] = by_family(prompts, [p["content"] == 1.0 for p in parts])
         entry["honesty"] = honesty(tasks, parts)
@@ -359,6 +388,15 @@ def markdown_table(report):
                      f"{_ci(m['gold_score'], m['gold_score_ci'])} | {_ci(m['accuracy'], m['accuracy_ci'])} | "
                      f"{m['rm_score']:+.3f} | {m['kl_vs_sft']:.2f} | {_f(m['pretrain_loss'])} | "
                      f"{m['mean_length']:.1f} | {m['distinct']:.2f} | {_f(m.get('train_seconds'), '.0f')} |")
+    paired = {name: m for name, m in models.items() if "paired_vs_sft" in m and name != "sft"}
+    if paired:
+        lines += ["", "Against SFT on the same prompts (the mean per-prompt difference, 95% CI), and greedy decoding:",
+                  "", "| model | accuracy - SFT's [95% CI] | gold score - SFT's [95% CI] | greedy accuracy [95% CI] |",
+                  "|---|---|---|---|"]
+        for name, m in paired.items():
+            acc, gold = m["paired_vs_sft"]["accuracy"], m["paired_vs_sft"]["gold_score"]
+            lines.append(f"| {name} | {_ci(acc[0], acc[1], '+.3f')} | {_ci(gold[0], gold[1], '+.3f')} | "
+                         f"{_ci(m.get('greedy_accuracy'), m.get('greedy_accuracy_ci'))} |")
     ref = report.get("gold_reference")
     if ref:
         lines.append(f"\nThe gold answers themselves: length {ref['mean_length']:.1f} tokens, distinct {ref['distinct']:.2f}.")
@@ -525,11 +563,14 @@ def main():
             contexts = few_shot_contexts(tok, load_sft(cfg.few_shot_data), queries, cfg.few_shot_k, cfg.seed, max_query)
             runs["base_prompted"] = run_policy("base_prompted", base, contexts, queries, sft, rm, tok, cfg)
         del base
-    for name in ("ppo", "ppo_ptx", "dpo", "grpo", "rloo"):
+    runs["sft"]["greedy"] = runs["sft_greedy"]["responses"]
+    for name in POLICIES:
         path = getattr(cfg, name)
         if path:
             model = load_like(path, sft, tokenizer, device)
             runs[name] = run_policy(name, model, queries, queries, sft, rm, tok, cfg)
+            runs[name]["greedy"] = sample_responses(model, queries, tok, cfg.max_new_tokens, 0.0, cfg.batch_size,
+                                                    make_generator(device, cfg.seed), desc=f"{name} greedy")
             tax[name] = pretrain_loss(model, windows, cfg.batch_size)
             del model
     if cfg.best_of:

@@ -43,14 +43,17 @@ from data.batches import pad_left, shuffled_indices, text_windows
 from data.formats import load_prompts, load_text
 from model import forward_response, value_of_response
 from reliability import Interrupt, NonFiniteGuard, preflight, resume_training, training_state
-from sampling import UNENDED_SCORE, encode_queries, sample_table, unended_rule
+from data.judge import assess, gold_reward
+from data.world import parse_prompt
+from sampling import (UNENDED_SCORE, decode_response, encode_queries, make_generator, sample_responses, sample_table,
+                      score_responses, unended_rule)
 
 
 @dataclass
 class PPOConfig(RunConfig):
     out_dir: str = "runs/ppo"  # where ckpt.pt (policy, value model, training state) and metrics.jsonl go
     sft: str = "runs/sft/ckpt.pt"  # SFT checkpoint: the policy's init and the frozen reference pi_SFT
-    rm: str = "runs/rm/ckpt.pt"  # reward model checkpoint: frozen scorer and the value model's init
+    rm: str = "runs/rm/ckpt.pt"  # reward model checkpoint (frozen scorer, value model's init), or gold: the world's judge
     prompts: str = "runs/world/ppo_prompts.jsonl"  # RL prompts, JSONL {"prompt"}
     ptx_data: str | None = None  # pretraining text for PPO-ptx (.txt or JSONL {"text"})
     ptx_coef: float = 0.0  # gamma_ptx: weight of the pretraining loss (0 = plain PPO)
@@ -77,10 +80,15 @@ class PPOConfig(RunConfig):
     grad_clip: float = 1.0  # clip each model's gradient norm; 0 = off
     advantage: str = "gae"  # gae: a value model and GAE (PPO); grpo or rloo: a group baseline, no value model
     group_size: int = 4  # grpo / rloo: samples per prompt (G); each iteration has batch_size / G prompts
+    negative_advantage_coef: float = 1.0  # weight of advantages below 0 (1: unbiased; 0: reinforce the better half only)
+    optimizer: str = "adamw"  # adamw or sgd (momentum 0.9): the policy's optimiser
     ema_decay: float = 0.0  # EMA of the policy weights saved for evaluation (paper 0.992); 0 = off
     sample_interval: int = 10  # iterations between tables of sample responses
     save_interval: int = 20  # iterations between saves of the resumable training state to ckpt.pt; 0 = at the end only
     keep_saves: bool = False  # also keep each save as ckpt_<iteration>.pt: the policy along training
+    probe_prompts: str | None = None  # held-out prompts JSONL: the policy's score on them every --probe-interval
+    probe_interval: int = 10  # iterations between probes (and at the start and the end)
+    probe_size: int = 200  # the first N of --probe-prompts
     frozen_bf16: bool = True  # on CUDA, the frozen reference and RM in bf16 (half the memory; fp32 on CPU)
 
     def __post_init__(self):
@@ -140,12 +148,18 @@ def mask_through_eos(response, eos):
 
 
 @torch.no_grad()
-def score(reward_model, ro, cfg, d):
-    """Step 2: r_theta(x, y), the RM at the response's last real token; the fixed --unended-score for a
-    response that never ended (sampling.unended_rule). (B,)"""
-    last = ro.n_query - 1 + ro.response_mask.sum(1)
-    with d.autocast():
-        scores = reward_model.score(ro.seq, last, attention_mask=ro.attention_mask).float()
+def score(reward_model, ro, prompts, tok, cfg, d):
+    """Step 2: r_theta(x, y), the RM at the response's last real token; with --rm gold (reward_model None)
+    the world's gold judge on the prompt and the response text instead (data.judge.gold_reward). A response
+    that never ended gets the fixed --unended-score (sampling.unended_rule). prompts: the B prompt strings.
+    Returns (B,)."""
+    if reward_model is None:
+        gold = [gold_reward(p, text) for p, text in zip(prompts, ro.decode(tok))]
+        scores = torch.tensor(gold, device=ro.seq.device)
+    else:
+        last = ro.n_query - 1 + ro.response_mask.sum(1)
+        with d.autocast():
+            scores = reward_model.score(ro.seq, last, attention_mask=ro.attention_mask).float()
     return unended_rule(scores, ro.ended, cfg.unended_score)
 
 
@@ -329,6 +343,22 @@ def ppo_update(ddp_policy, ddp_value_model, optimizers, guard, ro, old, it, cfg,
     return {key: v / n_steps for key, v in acc.items()}
 
 
+@torch.no_grad()
+def logprob_change(policy, ro, old_logprobs, advantages, cfg, d):
+    """What step 5 did to the rollouts it learnt from: the mean change of log pi(y|x) (summed over each
+    response's tokens, nats) over the responses whose advantages sum above 0, and over those below 0. A step
+    that learns raises the first and lowers the second; what both lose went to responses nobody sampled."""
+    mask = ro.response_mask.float()
+    with d.autocast():
+        new_logprobs, _ = forward_response(policy, ro.seq, ro.attention_mask, ro.n_query, cfg.temperature)
+    change = ((new_logprobs.float() - old_logprobs) * mask).sum(1)  # (B,)
+    direction = (advantages * mask).sum(1)  # (B,)
+    pos, neg = (direction > 0).float(), (direction < 0).float()
+    sums = d.all_reduce_mean(torch.stack([(change * pos).sum(), pos.sum(), (change * neg).sum(), neg.sum()]))
+    return {"logprob_change_pos": (sums[0] / sums[1].clamp(min=1)).item(),
+            "logprob_change_neg": (sums[2] / sums[3].clamp(min=1)).item()}
+
+
 class AdaptiveKLController:
     """kl_coef that follows the measured KL towards a target (Ziegler et al. 2019, section 2.2)."""
 
@@ -348,8 +378,39 @@ class AdaptiveKLController:
 def check_inputs(cfg, d):
     if cfg.batch_size % d.world_size or cfg.minibatch_size % d.world_size or cfg.ptx_batch_size % d.world_size:
         raise ValueError(f"--batch-size, --minibatch-size and --ptx-batch-size must be multiples of {d.world_size}")
-    preflight(cfg.out_dir, {"--sft": cfg.sft, "--rm": cfg.rm, "--prompts": cfg.prompts, "--ptx-data": cfg.ptx_data},
-              cfg.resume)
+    inputs = {"--sft": cfg.sft, "--rm": cfg.rm if cfg.rm != "gold" else None, "--prompts": cfg.prompts,
+              "--ptx-data": cfg.ptx_data, "--probe-prompts": cfg.probe_prompts}
+    preflight(cfg.out_dir, inputs, cfg.resume)
+
+
+@torch.no_grad()
+def probe(policy, reward_model, prompts, queries, tok, cfg, d):
+    """The held-out probe: the policy's responses to fixed prompts, sampled with the same noise at every
+    probe (so that two probes differ only by the policy), scored by the reward PPO maximises (probe_score).
+    On prompts of the built-in world also their accuracy by the gold judge, sampled and greedy: a
+    measurement for the curves, never a learning signal."""
+    policy.eval()
+    out = {}
+    world = all(parse_prompt(p) is not None for p in prompts)
+    for prefix, temperature in (("probe_", cfg.temperature), ("probe_greedy_", 0.0)):
+        if prefix == "probe_greedy_" and not world:
+            break
+        with d.autocast():
+            responses = sample_responses(policy, queries, tok, cfg.max_new_tokens, temperature, cfg.batch_size,
+                                         make_generator(d.device, cfg.seed))
+        texts = [decode_response(tok, r) for r in responses]
+        if prefix == "probe_":
+            ended = torch.tensor([r[-1:] == [tok.eot_token] for r in responses])
+            if reward_model is None:
+                scores = torch.tensor([gold_reward(p, t) for p, t in zip(prompts, texts)])
+            else:
+                with d.autocast():
+                    scores = torch.tensor(score_responses(reward_model, queries, responses, cfg.batch_size))
+            out["probe_score"] = unended_rule(scores, ended, cfg.unended_score).mean().item()
+        if world:
+            right = [assess(p, t)["content"] == 1.0 for p, t in zip(prompts, texts)]
+            out[prefix + "accuracy"] = sum(right) / len(right)
+    return out
 
 
 def iteration_metrics(d, ro, scores, kl, non_score_reward, exact_kl, entropy, values, returns):
@@ -376,8 +437,16 @@ def main():
     prompts = load_prompts(cfg.prompts)
     queries = encode_queries(tok, prompts, policy.config.block_size - cfg.max_new_tokens, source=cfg.prompts)
     ptx_tokens = torch.tensor(tok.encode(load_text(cfg.ptx_data))) if cfg.ptx_data and cfg.ptx_coef > 0 else None
+    probe_prompts = load_prompts(cfg.probe_prompts)[:cfg.probe_size] if cfg.probe_prompts else []
+    probe_queries = encode_queries(tok, probe_prompts, policy.config.block_size - cfg.max_new_tokens,
+                                   source=cfg.probe_prompts)
+    if cfg.rm == "gold" and (bad := next((p for p in prompts if parse_prompt(p) is None), None)):
+        raise ValueError(f"--rm gold: --prompts {cfg.prompts} holds {bad[:60]!r}, not a prompt of the built-in "
+                         "world; the gold judge knows only those")
     optimizers = [torch.optim.AdamW(m.parameters(), lr=lr, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.0)
                   for m, lr in ((policy, cfg.lr), (value_model, cfg.vf_lr)) if m is not None]  # own lrs (C.4)
+    if cfg.optimizer == "sgd":
+        optimizers[0] = torch.optim.SGD(policy.parameters(), lr=cfg.lr, momentum=0.9)
     kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl else None
     n_iters = cfg.total_episodes // cfg.batch_size
     G = 1 if cfg.advantage == "gae" else cfg.group_size  # samples per prompt in a batch
@@ -407,6 +476,9 @@ def main():
     for it in tqdm(interrupt.steps(start, n_iters), total=n_iters, initial=start,
                    desc=("ppo" if G == 1 else cfg.advantage) + ("-ptx" if ptx_tokens is not None else ""),
                    disable=not d.master):
+        # the held-out probe of the policy before this iteration's update (not counted in the iteration's time)
+        probed = (probe(policy, reward_model, probe_prompts, probe_queries, tok, cfg, d)
+                  if d.master and probe_prompts and it % cfg.probe_interval == 0 else {})
         t0 = time.time()
         for opt, lr in zip(optimizers, (cfg.lr, cfg.vf_lr)):  # linear warmup, then constant
             opt.param_groups[0]["lr"] = lr * min(1.0, (it + 1) / cfg.warmup_iters) if cfg.warmup_iters else lr
@@ -416,7 +488,7 @@ def main():
 
         ro = rollout(policy, [queries[i] for i in batch], tok, cfg, d, sample_gen)  # 1. rollout
         t_gen = time.time() - t0
-        scores = score(reward_model, ro, cfg, d)  # 2. score
+        scores = score(reward_model, ro, [prompts[i] for i in batch], tok, cfg, d)  # 2. score
         logprobs, ref_logprobs, values, exact_kl, entropy = old_logprobs_and_values(  # 3. the KL's log-probs
             policy, ref_policy, value_model, ro, cfg, d)
         mask = ro.response_mask.float()
@@ -428,24 +500,29 @@ def main():
             total = d.all_rows(rewards.sum(1), cfg.batch_size)  # (batch_size,): groups may span processes
             advantages = group_advantages(total, G, cfg.advantage)[d.rank::d.world_size, None] * mask
             returns = None
+        advantages = torch.where(advantages < 0, cfg.negative_advantage_coef * advantages, advantages)
         t_score = time.time() - t0 - t_gen
         old = {"logprobs": logprobs, "values": values, "advantages": advantages, "returns": returns}
         stats = ppo_update(ddp_policy, ddp_value_model, optimizers, guard, ro, old, it, cfg, d,  # 5. PPO (+ ptx)
                            ptx_tokens, min(cfg.ptx_seq_len, policy.config.block_size))
         if ema is not None:
             update_ema(ema, policy, cfg.ema_decay)
+        stats.update(logprob_change(policy, ro, logprobs, advantages, cfg, d))
         t_train = time.time() - t0 - t_gen - t_score
 
         metrics = iteration_metrics(d, ro, scores, kl, non_score_reward, exact_kl, entropy, values, returns)
         if kl_ctl is not None and math.isfinite(metrics["kl"]):  # one NaN KL would stick in kl_coef for good
             kl_ctl.update(metrics["kl"], cfg.batch_size)
-        log.log(it, **metrics, kl_coef=kl_coef, **stats, time_generate=t_gen, time_score=t_score, time_train=t_train,
-                **guard.stats(), echo=it % 5 == 0 or it == n_iters - 1)
+        log.log(it, **metrics, kl_coef=kl_coef, **stats, **probed, time_generate=t_gen, time_score=t_score,
+                time_train=t_train, **guard.stats(), echo=it % 5 == 0 or it == n_iters - 1)
         if d.master and (it % cfg.sample_interval == 0 or it == n_iters - 1):
             sample_table([prompts[i] for i in batch], ro.decode(tok), {"score": scores, "kl": kl.sum(1)})
         if cfg.save_interval and (it + 1) % cfg.save_interval == 0 and it + 1 < n_iters:
             save(it + 1)
 
+    if d.master and probe_prompts and interrupt.done == n_iters:  # the probe of the trained policy
+        log.log(n_iters, **probe(ema if ema is not None else policy, reward_model, probe_prompts, probe_queries,
+                                 tok, cfg, d))
     interrupt.finish(save, cfg.out_dir)
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """The gold judge: the built-in world's true human preference, from the prompt and response strings alone.
 
 The world's labelers (data/world.py) rank with it, and evaluation measures win rates and flaw rates with
-it. The stage scripts (sft.py, reward.py, ppo.py) must never import it: they learn only from the
-demonstrations and rankings, exactly as the paper's models learn only from labelers (section 3).
+it. The stage scripts learn only from the demonstrations and rankings, exactly as the paper's models learn
+only from labelers (section 3), with two marked exceptions in ppo.py: `--rm gold` makes gold_reward its
+reward (RL from a verifiable reward: the ceiling of what a learnt RM could give), and its held-out probe
+reports accuracy by this judge, a measurement that never reaches the gradient.
 
 Score, on a fixed 0..1 scale:
 
@@ -104,6 +106,16 @@ def assess(prompt: str, response: str) -> dict:
 def gold_score(prompt: str, response: str) -> float:
     """The world's true preference for `response` to `prompt`, on 0..1 (gold answer = 1.0)."""
     return assess(prompt, response)["score"]
+
+
+# ppo.py --rm gold: the gold score centred and scaled to about the RM's normalised range (demonstrations near
+# 0, spread near 1), so that --kl-coef weighs the KL alike against the RM and against the gold judge.
+GOLD_CENTER, GOLD_SCALE = 0.6, 4.0
+
+
+def gold_reward(prompt: str, response: str) -> float:
+    """The gold score as PPO's reward: (score - GOLD_CENTER) * GOLD_SCALE; the gold answer gets 1.6."""
+    return (gold_score(prompt, response) - GOLD_CENTER) * GOLD_SCALE
 
 
 def by_family(prompts: list[str], values: list) -> dict[str, float]:

@@ -1,6 +1,6 @@
 """Accuracy of policies on held-out prompts by the gold judge, overall and per family, sampled or greedy.
 
-    python experiments/accuracy.py runs/sft/ckpt.pt runs/oracle/ckpt_*.pt --prompts runs/world/test_prompts.jsonl
+    python experiments/accuracy.py runs/sft/ckpt.pt runs/ppo_gold/ckpt_*.pt --prompts runs/world/test_prompts.jsonl
 
 A quick look without evaluate.py's win rates, baselines and RM checks: one line per checkpoint.
 """

@@ -27,7 +27,7 @@ has no peak: the gold score has not turned down within the points. The measured 
 highest gold score. Writes overoptimisation.json, overoptimisation.md and overoptimisation.png (without
 matplotlib, overoptimisation.txt, a text chart) to --out-dir.
 
-It imports evaluate.py (as oracle_ppo.py imports ppo.py) for its KL estimate, best-of-n KL, RM scoring rule and
+It imports evaluate.py for its KL estimate, best-of-n KL, RM scoring rule and
 checkpoint checks, so that these numbers are the very quantities of evaluate.py's report. Deviations from Gao et al.:
 models of a few million parameters and RMs trained on a few thousand rankings, not 3M-3B; the gold RM is the
 world's judge, not a 6B RM; one seed and a couple of hundred prompts, so a curve's bumps are noise of about

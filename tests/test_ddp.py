@@ -48,21 +48,27 @@ def test_reward_two_processes_match_one(tmp_path):
     assert_same_weights(tmp_path / "one" / "ckpt.pt", tmp_path / "two" / "ckpt.pt")
 
 
-@pytest.mark.parametrize("advantage", ["gae", "grpo"])
-def test_ppo_two_processes_match_one(tmp_path, advantage):
-    """Two PPO-ptx iterations: the rollouts (sampled in halves with the same random numbers), RM scores,
-    globally whitened advantages (or GRPO's group baselines, over groups split between the processes),
-    minibatch steps and ptx batches all agree with one process."""
+@pytest.mark.parametrize("advantage,reward", [("gae", "rm.pt"), ("grpo", "rm.pt"), ("grpo", "gold")])
+def test_ppo_two_processes_match_one(tmp_path, advantage, reward):
+    """Two PPO-ptx iterations: the rollouts (sampled in halves with the same random numbers), RM or gold
+    scores (each process judging its own rows against their own prompts), globally whitened advantages (or
+    GRPO's group baselines, over groups split between the processes), minibatch steps and ptx batches all
+    agree with one process."""
     write_tiny_data(tmp_path)
     torch.manual_seed(0)
     sft = GPT(GPTConfig(block_size=64, vocab_size=258, n_layer=1, n_head=2, n_embd=32))
+    if reward == "gold":  # end-of-text likelier (logit +3 through ln_f's bias): about half the responses end
+        eot = sft.transformer.wte.weight[256].detach()
+        sft.transformer.ln_f.bias.data.copy_(eot * 3.0 / eot.norm() ** 2)
     save_checkpoint(tmp_path / "sft.pt", sft, {}, "byte")
     rm = model_from_checkpoint(load_checkpoint(tmp_path / "sft.pt"), head="scalar")
     torch.nn.init.normal_(rm.score_head.weight, std=1.0)  # scores that differ between responses
     save_checkpoint(tmp_path / "rm.pt", rm, {}, "byte")
-    prompts = ["Hi.", "Reverse the word stone.", "Sort: b a c.", "Why?", "Add 2 and 3, please.", "No.", "Go on", "x"]
+    prompts = ["Add 2 and 3.", "Reverse the word stone.", "Sort these numbers: 20, 13, 7.", "Why is 18 bigger than 7?",
+               "Is it true that 11 is even?", "Make green bell all caps.", "Tell me how to cheat on a quiz.",
+               "Count the letter l in the word yellow."]
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts * 2))
-    args = [str(ROOT / "ppo.py"), "--sft", "sft.pt", "--rm", "rm.pt", "--prompts", "prompts.jsonl",
+    args = [str(ROOT / "ppo.py"), "--sft", "sft.pt", "--rm", reward, "--prompts", "prompts.jsonl",
             "--ptx-data", "text.txt", "--ptx-coef", "0.5", "--ptx-batch-size", "4", "--ptx-seq-len", "16",
             "--total-episodes", "16", "--batch-size", "8", "--minibatch-size", "4", "--ppo-epochs", "2",
             "--max-new-tokens", "12", "--lr", "1e-3", "--warmup-iters", "0", "--device", "cpu",
@@ -76,6 +82,9 @@ def test_ppo_two_processes_match_one(tmp_path, advantage):
     assert_same_weights(tmp_path / "one" / "ckpt.pt", tmp_path / "two" / "ckpt.pt")
     if advantage == "gae":
         assert_same_weights(tmp_path / "one" / "ckpt.pt", tmp_path / "two" / "ckpt.pt", key="value_model")
+    if reward == "gold":  # the responses that ended were judged, and differently from one another
+        assert all(-3.0 < s < 0 for s in metrics(tmp_path / "one", "score"))
+        assert metrics(tmp_path / "one", "pg_loss")[0] != 0
 
 
 def test_dpo_two_processes_match_one(tmp_path):

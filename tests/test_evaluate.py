@@ -21,7 +21,8 @@ from data.formats import encode_chat, load_samples, write_jsonl, write_text
 from data.judge import gold_score
 from data.tokenizer import get_tokenizer
 from data.world import FAMILIES, gold_answer, parse_prompt, pretrain_text, sample_tasks
-from evaluate import MODELS, best_constants, best_of_n_kl, few_shot_contexts, mean_ci, response_logprobs
+from evaluate import (MODELS, POLICIES, best_constants, best_of_n_kl, few_shot_contexts, mean_ci, paired_ci,
+                      response_logprobs)
 from sampling import score_responses
 from model import GPT, GPTConfig
 
@@ -46,12 +47,12 @@ def tiny(seed, head="lm"):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """Tiny random checkpoints (ppo and dpo are copies of sft, grpo and rloo of ppo_ptx) and a few world
+    """Tiny random checkpoints (ppo and dpo are copies of sft, ppo_gold, grpo and rloo of ppo_ptx) and a few world
     prompts, demonstrations and text; ppo's training log says it took 12.5 s."""
     d = tmp_path_factory.mktemp("eval")
     for name, seed, head in (("base", 1, "lm"), ("sft", 2, "lm"), ("ppo_ptx", 3, "lm"), ("rm", 4, "scalar")):
         save_checkpoint(d / name / "ckpt.pt", tiny(seed, head), {"seed": seed}, "byte")
-    for name, like in (("ppo", "sft"), ("dpo", "sft"), ("grpo", "ppo_ptx"), ("rloo", "ppo_ptx")):
+    for name, like in (("ppo", "sft"), ("dpo", "sft"), ("ppo_gold", "ppo_ptx"), ("grpo", "ppo_ptx"), ("rloo", "ppo_ptx")):
         (d / name).mkdir()
         shutil.copy(d / like / "ckpt.pt", d / name / "ckpt.pt")
     write_jsonl(d / "ppo" / "metrics.jsonl", [{"step": 0, "time": 3.0, "score": 0.1}, {"step": 1, "time": 12.5}])
@@ -68,7 +69,7 @@ def world(tmp_path_factory):
 def run_evaluate(d, out_dir, *extra):
     cmd = [sys.executable, str(ROOT / "evaluate.py"), "--prompts", "prompts.jsonl", "--sft", "sft/ckpt.pt",
            "--rm", "rm/ckpt.pt", "--base", "base/ckpt.pt", "--ppo", "ppo/ckpt.pt", "--ppo-ptx", "ppo_ptx/ckpt.pt",
-           "--dpo", "dpo/ckpt.pt", "--grpo", "grpo/ckpt.pt", "--rloo", "rloo/ckpt.pt",
+           "--ppo-gold", "ppo_gold/ckpt.pt", "--dpo", "dpo/ckpt.pt", "--grpo", "grpo/ckpt.pt", "--rloo", "rloo/ckpt.pt",
            "--few-shot-data", "demos.jsonl", "--pretrain-val", "pretrain_val.txt", "--pretrain-windows", "4",
            "--val-prompts", "val_prompts.jsonl", "--best-of", "3", "--max-new-tokens", "16", "--batch-size", "4",
            "--device", "cpu",
@@ -88,6 +89,15 @@ def test_win_rate_and_ci_by_hand():
     assert mean_ci([0.0, 1.0] * 50)[1] == pytest.approx([0.5 - 1.96 * math.sqrt(100 / 99 * 0.25) / 10,
                                                           0.5 + 1.96 * math.sqrt(100 / 99 * 0.25) / 10])
     assert best_of_n_kl(1) == 0.0 and best_of_n_kl(4) == pytest.approx(math.log(4) - 0.75)
+
+
+def test_paired_ci_by_hand():
+    mean, (lo, hi) = paired_ci([1.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 0.0])
+    # differences 1, 0, 0, 1: mean 0.5; s^2 = 4 * 0.25 / 3; half = 1.96 s / sqrt(4); not clipped to [0, 1]
+    half = 1.96 * math.sqrt(1 / 3) / 2
+    assert mean == 0.5 and lo == pytest.approx(0.5 - half) and hi == pytest.approx(0.5 + half) and hi > 1
+    assert paired_ci([0.3, 0.6], [0.3, 0.6]) == (0.0, [0.0, 0.0])  # the same answers: no difference, no spread
+    assert paired_ci([0.0, 0.0, 0.0], [1.0, 0.5, 0.0])[0] == pytest.approx(-0.5)
 
 
 def test_response_logprobs_match_a_loop_over_unpadded_sequences():
@@ -137,7 +147,7 @@ def test_evaluate_end_to_end(world):
     for name in ("sft", "ppo", "dpo"):
         assert models[name]["win_rate_vs_sft"] == 0.5 and models[name]["win_rate_ci"] == [0.5, 0.5]
         assert models[name]["kl_vs_sft"] == 0.0
-    for name in ("grpo", "rloo"):  # each row is its own checkpoint's: copies of ppo_ptx give ppo_ptx's numbers
+    for name in ("ppo_gold", "grpo", "rloo"):  # each row is its own checkpoint's: copies of ppo_ptx give its numbers
         assert {k: models[name][k] for k in FIELDS} == {k: models["ppo_ptx"][k] for k in FIELDS}
     assert models["ppo"]["train_seconds"] == 12.5 and models["sft"]["train_seconds"] is None  # sft has no log
     assert models["best_of_n"]["train_seconds"] == pytest.approx(report["seconds"]["best_of_n"], abs=1e-3)
@@ -163,6 +173,17 @@ def test_evaluate_end_to_end(world):
     queries = sampling.encode_queries(tok, [s["prompt"] for s in samples], 128 - 16)
     greedy = sampling.sample_responses(sft, queries, tok, 16, 0.0, 4, torch.Generator())
     assert [s["responses"]["sft_greedy"]["response"] for s in samples] == [sampling.decode_response(tok, r) for r in greedy]
+    # the paired differences against SFT, from the per-prompt gold scores; greedy accuracy for each policy
+    sft_gold = [s["responses"]["sft"]["gold_score"] for s in samples]
+    for name, m in models.items():
+        diffs = [s["responses"][name]["gold_score"] - g for s, g in zip(samples, sft_gold)]
+        mean = sum(diffs) / 10
+        half = 1.96 * math.sqrt(sum((x - mean) ** 2 for x in diffs) / 9) / math.sqrt(10)
+        assert m["paired_vs_sft"]["gold_score"][0] == pytest.approx(mean, abs=1e-9), name
+        assert m["paired_vs_sft"]["gold_score"][1] == pytest.approx([mean - half, mean + half], abs=1e-9), name
+        assert ("greedy_accuracy" in m) == (name in POLICIES or name == "sft"), name
+    assert models["sft"]["greedy_accuracy"] == models["sft_greedy"]["accuracy"]
+    assert models["ppo_ptx"]["paired_vs_sft"]["gold_score"][0] != 0  # another model: other answers
     assert set(report["rm_checks"]) == {"gold_over_wrong", "gold_over_other_prompt"}
     assert report["gold_reference"]["distinct"] > 0 and report["gold_reference"]["mean_length"] > 1
     md = (world / "eval" / "report.md").read_text()

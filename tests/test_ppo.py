@@ -112,13 +112,15 @@ def test_unended_responses_get_the_fixed_score():
     assert unended_rule(scores, ended, -3.0).tolist() == pytest.approx([0.7, -3.0, -0.2])
 
 
-@pytest.mark.parametrize("advantage", ["gae", "grpo", "rloo"])
-def test_ppo_learns_what_the_reward_asks_for(tmp_path, advantage):
+@pytest.mark.parametrize("advantage,rm", [("gae", "rm.pt"), ("grpo", "rm.pt"), ("rloo", "rm.pt"), ("gae", "gold"),
+                                          ("rloo", "gold")])
+def test_ppo_learns_what_the_reward_asks_for(tmp_path, advantage, rm):
     """The whole of ppo.py, end to end, moves the policy the way the reward points. A random policy almost
     never emits end-of-text within 8 tokens, and an unended response gets the fixed low score (-3, against
-    the RM's ~0 for an ended one): after 30 iterations it ends nearly every response. A sign error anywhere
-    between the score and the optimiser step (rewards, GAE or the group baseline, whitening, the surrogate)
-    fails this."""
+    the RM's ~0 or the gold reward's -2.4 or more for an ended one): after 30 iterations it ends nearly every
+    response. A sign error anywhere between the score and the optimiser step (rewards, GAE or the group
+    baseline, whitening, the surrogate) fails this; with --rm gold, so does a gold reward that lost the
+    unended rule."""
     import json
     import os
     import subprocess
@@ -128,7 +130,7 @@ def test_ppo_learns_what_the_reward_asks_for(tmp_path, advantage):
     from test_reliability import write_tiny_policy_and_rm
     root = Path(__file__).resolve().parent.parent
     write_tiny_policy_and_rm(tmp_path)
-    args = ["--sft", "sft.pt", "--rm", "rm.pt", "--prompts", "prompts.jsonl", "--batch-size", "16",
+    args = ["--sft", "sft.pt", "--rm", rm, "--prompts", "prompts.jsonl", "--batch-size", "16",
             "--minibatch-size", "8", "--max-new-tokens", "8", "--lr", "3e-3", "--kl-coef", "0",
             "--total-episodes", "480", "--device", "cpu", "--sample-interval", "1000", "--out-dir", "out",
             "--advantage", advantage]
@@ -187,3 +189,94 @@ def test_ptx_term_adds_gamma_times_the_pretraining_gradient(monkeypatch):
         with_ptx = step(gamma, torch.arange(100))
         for k, g in lm_grad.items():
             torch.testing.assert_close(with_ptx[k], without[k] - gamma * g, atol=1e-5, rtol=1e-4, msg=k)
+
+
+def byte_rollouts(prompts, responses, ended):
+    """Rollouts of the byte tokenizer: each prompt in the chat template, then its response text, followed by
+    end-of-text where `ended`, else cut as if max_new_tokens had run out."""
+    import ppo
+    from data.formats import encode_chat
+    from data.tokenizer import get_tokenizer
+    tok = get_tokenizer("byte")
+    queries = [encode_chat(tok, p)[0] for p in prompts]
+    tails = [tok.encode(" " + r) + ([tok.eot_token] if e else []) for r, e in zip(responses, ended)]
+    R = max(len(t) for t in tails)
+    query, query_mask = pad_left(queries, tok.pad_token)
+    response = torch.tensor([t + [tok.pad_token] * (R - len(t)) for t in tails])
+    response_mask = torch.tensor([[1] * len(t) + [0] * (R - len(t)) for t in tails])
+    return ppo.Rollouts(torch.cat([query, response], 1), query.size(1), query_mask, response_mask,
+                        torch.tensor(ended)), tok
+
+
+def test_gold_reward_scores_the_decoded_responses_by_the_gold_judge():
+    """--rm gold: step 2 is the gold score of each (prompt, response text), centred at 0.6 and scaled by 4
+    (the gold answer 1.6), and the fixed --unended-score for a response that never ended, however good."""
+    import ppo
+    from data.judge import gold_score
+    prompts = ["Add 2 and 3.", "Reverse the word stone.", "Add 4 and 4.", "Add 2 and 3."]
+    responses = ["2 plus 3 is 5.", "The word stone reversed is enots, I think.", "4 plus 4 is 9.",
+                 "2 plus 3 is 5."]
+    ro, tok = byte_rollouts(prompts, responses, [True, True, True, False])
+    cfg = SimpleNamespace(unended_score=-3.0)
+    scores = ppo.score(None, ro, prompts, tok, cfg, None)
+    expected = [(gold_score(p, r) - 0.6) * 4 for p, r in zip(prompts, responses)]
+    assert expected[0] == pytest.approx(1.6) and expected[1] < 1.6
+    assert scores.tolist() == pytest.approx(expected[:3] + [-3.0])
+
+
+def test_logprob_change_equals_a_loop_over_unpadded_responses():
+    """The diagnostic: after a change of the weights, the mean change of sum_t log pi(y_t) over the responses
+    whose advantages sum above 0 and over those below 0, each response recomputed alone."""
+    import ppo
+    from common import Dist
+    torch.manual_seed(0)
+    prompts = ["Add 2 and 3.", "Add 4 and 4.", "Reverse the word stone.", "Sort these numbers: 20, 13, 7."]
+    ro, tok = byte_rollouts(prompts, ["2 plus 3 is 5.", "9.", "enots.", "7, 13"], [True, True, True, False])
+    policy = GPT(GPTConfig(block_size=128, vocab_size=tok.n_vocab, n_layer=1, n_head=2, n_embd=16)).eval()
+    cfg = SimpleNamespace(temperature=1.0)
+    with torch.no_grad():
+        old, _ = forward_response(policy, ro.seq, ro.attention_mask, ro.n_query, 1.0)
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    advantages = torch.tensor([[1.0] * 20, [-0.5] * 20, [0.3] * 20, [-2.0] * 20])[:, :ro.response_mask.size(1)]
+    stats = ppo.logprob_change(policy, ro, old, advantages, cfg, Dist("cpu", "fp32"))
+    change = []
+    for b in range(4):
+        q = ro.seq[b, :ro.n_query][ro.query_mask[b].bool()].tolist()
+        n = int(ro.response_mask[b].sum())
+        alone = torch.tensor([q + ro.seq[b, ro.n_query:ro.n_query + n].tolist()])
+        with torch.no_grad():
+            new_lp = policy.token_logprobs(alone)[0, len(q) - 1:]
+        change.append((new_lp - old[b, :n]).sum().item())
+    assert stats["logprob_change_pos"] == pytest.approx((change[0] + change[2]) / 2, abs=1e-4)
+    assert stats["logprob_change_neg"] == pytest.approx((change[1] + change[3]) / 2, abs=1e-4)
+
+
+def test_probe_scores_and_judges_the_sampled_and_greedy_responses(monkeypatch):
+    """The held-out probe: probe_score is the mean reward by the unended rule (here the gold reward) of the
+    responses sampled at the training temperature, probe_accuracy their gold accuracy, and
+    probe_greedy_accuracy that of the responses decoded at temperature 0."""
+    import ppo
+    from common import Dist
+    from data.formats import encode_chat
+    from data.tokenizer import get_tokenizer
+    tok = get_tokenizer("byte")
+    prompts = ["Add 2 and 3.", "Add 4 and 4.", "Reverse the word stone."]
+    outputs = {1.0: [" 2 plus 3 is 5.", " 4 plus 4 is 9.", " enots"],  # the last one never ends
+               0.0: [" 2 plus 3 is 4.", " 4 plus 4 is 8.", " I think stone backwards is enots, maybe enots."]}
+    ended = {1.0: [True, True, False], 0.0: [True, True, True]}
+
+    def fake_sample(policy, queries, tok_, max_new_tokens, temperature, batch_size, generator, desc=None):
+        return [tok.encode(t) + [tok.eot_token] * e for t, e in zip(outputs[temperature], ended[temperature])]
+    monkeypatch.setattr(ppo, "sample_responses", fake_sample)
+    cfg = SimpleNamespace(temperature=1.0, max_new_tokens=16, batch_size=4, seed=0, unended_score=-3.0)
+    queries = [encode_chat(tok, p)[0] for p in prompts]
+    out = ppo.probe(torch.nn.Linear(1, 1), None, prompts, queries, tok, cfg, Dist("cpu", "fp32"))
+    from data.judge import gold_score
+    rewards = [(gold_score(prompts[0], "2 plus 3 is 5.") - 0.6) * 4, (gold_score(prompts[1], "4 plus 4 is 9.") - 0.6) * 4,
+               -3.0]
+    assert out["probe_score"] == pytest.approx(sum(rewards) / 3)
+    # accuracy reads the content, ended or not (as evaluate.py): "enots" is the reversed word; the greedy third
+    # answer is the gold answer buried in other text (half credit), and "2 plus 3 is 4." wrong
+    assert out["probe_accuracy"] == pytest.approx(2 / 3)
+    assert out["probe_greedy_accuracy"] == pytest.approx(1 / 3)
