@@ -2,6 +2,10 @@
 rewards/log-probs at the right positions under left padding and early end-of-text; and ppo.py end to end
 moving a tiny policy the way its reward points."""
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -122,11 +126,6 @@ def test_ppo_learns_what_the_reward_asks_for(tmp_path, advantage, rm):
     baseline, whitening, the surrogate) fails this; with --rm gold, so does a gold reward that lost the
     unended rule."""
     import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     from test_reliability import write_tiny_policy_and_rm
     root = Path(__file__).resolve().parent.parent
     write_tiny_policy_and_rm(tmp_path)
@@ -142,6 +141,25 @@ def test_ppo_learns_what_the_reward_asks_for(tmp_path, advantage, rm):
     first, last = sum(ended[:5]) / 5, sum(ended[-5:]) / 5
     assert len(ended) == 30 and first < 0.2 and last > 0.7, ended
     assert ("value_model" in load_checkpoint(tmp_path / "out" / "ckpt.pt")) == (advantage == "gae")
+
+
+def test_rl_params_norms_trains_the_layernorms_only(tmp_path):
+    """--rl-params norms: after PPO, every LayerNorm gain or bias may have moved and some did; every other
+    weight of the policy is SFT's, bit for bit."""
+    from test_reliability import write_tiny_policy_and_rm
+    root = Path(__file__).resolve().parent.parent
+    write_tiny_policy_and_rm(tmp_path)
+    args = ["--sft", "sft.pt", "--rm", "rm.pt", "--prompts", "prompts.jsonl", "--batch-size", "8",
+            "--minibatch-size", "4", "--max-new-tokens", "8", "--lr", "1e-2", "--warmup-iters", "0",
+            "--total-episodes", "16", "--device", "cpu", "--sample-interval", "1000", "--out-dir", "out",
+            "--rl-params", "norms"]
+    res = subprocess.run([sys.executable, root / "ppo.py", *args], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    sft, rl = load_checkpoint(tmp_path / "sft.pt")["model"], load_checkpoint(tmp_path / "out" / "ckpt.pt")["model"]
+    norms = [k for k in sft if ".ln_" in k]
+    assert norms and all(torch.equal(sft[k], rl[k]) for k in sft if k not in norms)
+    assert any(not torch.equal(sft[k], rl[k]) for k in norms)
 
 
 def test_ptx_term_adds_gamma_times_the_pretraining_gradient(monkeypatch):

@@ -237,6 +237,7 @@ def test_config_errors_are_one_line_and_exit_code_2(tmp_path):
                        "multiple of --micro-batch-size x processes", {"WORLD_SIZE": "3"}),  # no RANK: no process group
         "context": (["ppo.py", *PPO_TINY, "--max-new-tokens", "64"], "leaves no room for the prompt", {}),
         "kl_coef": (["ppo.py", *PPO_TINY, "--kl-coef", "-0.1"], "must be >= 0", {}),
+        "rl_params": (["ppo.py", *PPO_TINY, "--rl-params", "heads"], "--rl-params must be all or norms", {}),
         "cut-off answers": (["ppo.py", *PPO_TINY, "--sft", "sft_long.pt"],
                             "--max-new-tokens 8 is shorter than the longest demonstration sft_long.pt learnt (20", {}),
         "cut-off answers (evaluate)": (["evaluate.py", "--sft", "sft_long.pt", "--rm", "rm.pt", "--prompts",
