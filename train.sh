@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole InstructGPT pipeline on the built-in world, on the CPU:
-#   world -> pretrain (stage 0) -> SFT (1) -> rank SFT samples -> RM (2) -> PPO, PPO-ptx (3) -> evaluate
+#   world -> pretrain (stage 0) -> SFT (1) -> rank SFT samples -> RM (2) -> PPO, PPO-ptx, PPO on the gold reward (3)
+#   -> evaluate
 #
 #   bash train.sh              # the full run (minutes on a laptop CPU)
 #   QUICK=1 bash train.sh      # everything tiny, in about a minute (what the tests run)
@@ -18,7 +19,8 @@
 #
 # Each stage is skipped when its output exists and is finished (unless FORCE=1); an interrupted stage
 # is rerun from the start (or continue it by hand with its script's --resume). Extra arguments for a stage can be
-# given in SFT_ARGS, RM_ARGS, PPO_ARGS (e.g. PPO_ARGS="--device cuda").
+# given in PRETRAIN_ARGS (e.g. a larger model: "--n-layer 8 --n-embd 256"), SFT_ARGS, RM_ARGS, DPO_ARGS and
+# PPO_ARGS (every ppo.py stage, e.g. PPO_ARGS="--device cuda").
 set -euo pipefail
 cd "$(dirname "$0")"
 RUNS=${RUNS:-runs}
@@ -124,6 +126,7 @@ if [[ $QUICK == 1 ]]; then
   RANK_PROMPTS=(--max-prompts 40 --max-new-tokens 64)
   RM=(--max-iters 10 --batch-size 8 --micro-batch-size 8)
   PPO=(--total-episodes 64 --batch-size 16 --minibatch-size 8 --ppo-epochs 1 --max-new-tokens 64 --sample-interval 1000)
+  PPO_GOLD=("${PPO[@]}")
   DPO=(--max-iters 10 --batch-size 8 --micro-batch-size 8)
   OVEROPT_PPO=(--total-episodes 64 --batch-size 16 --minibatch-size 8 --ppo-epochs 1 --max-new-tokens 64
                --sample-interval 1000 --save-interval 2)
@@ -136,7 +139,12 @@ else
   SFT=(--epochs 3 --batch-size 32 --micro-batch-size 32 --lr 1e-3)
   RANK_PROMPTS=()
   RM=(--epochs 1.5 --batch-size 32 --micro-batch-size 16 --lr 1e-4 --eval-interval 1000)
-  PPO=(--total-episodes 2560 --kl-coef 0.3)  # 40 iterations; kl_coef on the RM's normalised scale
+  # RL trains the policy's LayerNorms only (--rl-params norms, about 2K parameters) at a large learning rate
+  # and 4 passes over each batch: with 64 episodes per iteration, the whole-model step either learns nothing
+  # (lr 1e-5) or breaks SFT (1e-4); see "Why RL barely moves a policy" in the README.
+  RL=(--rl-params norms --lr 1e-3 --ppo-epochs 4)
+  PPO=(--total-episodes 2560 --kl-coef 0.3 "${RL[@]}")  # 40 iterations; kl_coef on the RM's normalised scale
+  PPO_GOLD=(--total-episodes 5120 --kl-coef 0.05 "${RL[@]}")  # 80 iterations; the gold reward: (gold score - 0.6) x 4
   DPO=()
   OVEROPT_PPO=(--total-episodes 2560 --kl-coef 0 --lr 3e-5 --save-interval 5)  # a small KL penalty: KL grows
   OVEROPT=(--max-n 64)
@@ -149,7 +157,7 @@ stage world "$W/world.json" $PY -m data.world --out "$W" --seed "$SEED" "${WORLD
 # Stage 0: a base model pretrained from scratch on the world's text: it knows the facts but does not
 # follow instructions.
 stage pretrain "$RUNS/base/ckpt.pt" $LAUNCH sft.py --text-data "$W/pretrain.txt" --val-text-data "$W/pretrain_val.txt" \
-  --out-dir "$RUNS/base" --seed "$SEED" --dtype "$DTYPE" "${MODEL[@]}" "${PRETRAIN[@]}"
+  --out-dir "$RUNS/base" --seed "$SEED" --dtype "$DTYPE" "${MODEL[@]}" "${PRETRAIN[@]}" ${PRETRAIN_ARGS:-}
 
 # Stage 1: SFT on the simulated demonstrators' (imperfect) demonstrations; loss on response tokens only.
 stage sft "$RUNS/sft/ckpt.pt" $LAUNCH sft.py --init "$RUNS/base/ckpt.pt" --sft-data "$W/sft_train.jsonl" \
@@ -201,12 +209,24 @@ if [[ $MODE == overopt ]]; then
   exit 0
 fi
 
-# Stage 3: PPO against the RM with a KL penalty to SFT; then PPO-ptx, which mixes in pretraining text.
-stage ppo "$RUNS/ppo/ckpt.pt" $LAUNCH ppo.py --sft "$RUNS/sft/ckpt.pt" --rm "$RUNS/rm/ckpt.pt" \
-  --prompts "$W/ppo_prompts.jsonl" --out-dir "$RUNS/ppo" --seed "$SEED" --dtype "$DTYPE" "${PPO[@]}" ${PPO_ARGS:-}
-stage ppo-ptx "$RUNS/ppo_ptx/ckpt.pt" $LAUNCH ppo.py --sft "$RUNS/sft/ckpt.pt" --rm "$RUNS/rm/ckpt.pt" \
-  --prompts "$W/ppo_prompts.jsonl" --ptx-data "$W/pretrain.txt" --ptx-coef "${PTX_COEF:-0.02}" \
-  --out-dir "$RUNS/ppo_ptx" --seed "$SEED" --dtype "$DTYPE" "${PPO[@]}" ${PPO_ARGS:-}
+# Stage 3: PPO against the RM with a KL penalty to SFT, and PPO-ptx, which mixes in pretraining text, side by
+# side at one thread each; then PPO with the gold judge itself as the reward (--rm gold: a verifiable reward,
+# the ceiling of RLHF with a learnt RM). Each probes its policy on held-out prompts every 10 iterations.
+PROBE=(--probe-prompts "$W/val_prompts.jsonl")
+pids=()
+(export OMP_NUM_THREADS=1; stage ppo "$RUNS/ppo/ckpt.pt" $LAUNCH ppo.py --sft "$RUNS/sft/ckpt.pt" \
+  --rm "$RUNS/rm/ckpt.pt" --prompts "$W/ppo_prompts.jsonl" --out-dir "$RUNS/ppo" --seed "$SEED" --dtype "$DTYPE" \
+  "${PROBE[@]}" "${PPO[@]}" ${PPO_ARGS:-}) &
+pids+=($!)
+(export OMP_NUM_THREADS=1; stage ppo-ptx "$RUNS/ppo_ptx/ckpt.pt" $LAUNCH ppo.py --sft "$RUNS/sft/ckpt.pt" \
+  --rm "$RUNS/rm/ckpt.pt" --prompts "$W/ppo_prompts.jsonl" --ptx-data "$W/pretrain.txt" \
+  --ptx-coef "${PTX_COEF:-0.02}" --out-dir "$RUNS/ppo_ptx" --seed "$SEED" --dtype "$DTYPE" "${PROBE[@]}" "${PPO[@]}" \
+  ${PPO_ARGS:-}) &
+pids+=($!)
+for p in "${pids[@]}"; do wait "$p"; done
+stage ppo-gold "$RUNS/ppo_gold/ckpt.pt" $LAUNCH ppo.py --sft "$RUNS/sft/ckpt.pt" --rm gold \
+  --prompts "$W/ppo_prompts.jsonl" --out-dir "$RUNS/ppo_gold" --seed "$SEED" --dtype "$DTYPE" "${PROBE[@]}" \
+  "${PPO_GOLD[@]}" ${PPO_ARGS:-}
 
 # The alternatives, on request (ALGOS): DPO on the RM's rankings, and GRPO / RLOO, ppo.py with a group baseline
 # (4 samples per prompt) in place of the value model, against the same RM with the same KL penalty.
@@ -229,7 +249,8 @@ done
 # demonstration fits before a query in that context once 128 tokens are kept for the answer.
 stage evaluate "$RUNS/eval/report.json" $PY evaluate.py --prompts "$W/test_prompts.jsonl" \
   --val-prompts "$W/val_prompts.jsonl" --base "$RUNS/base/ckpt.pt" --sft "$RUNS/sft/ckpt.pt" --rm "$RUNS/rm/ckpt.pt" \
-  --ppo "$RUNS/ppo/ckpt.pt" --ppo-ptx "$RUNS/ppo_ptx/ckpt.pt" "${algo_ckpts[@]}" --pretrain-val "$W/pretrain_val.txt" \
+  --ppo "$RUNS/ppo/ckpt.pt" --ppo-ptx "$RUNS/ppo_ptx/ckpt.pt" --ppo-gold "$RUNS/ppo_gold/ckpt.pt" "${algo_ckpts[@]}" \
+  --pretrain-val "$W/pretrain_val.txt" \
   --out-dir "$RUNS/eval" --seed "$SEED" "${EVAL[@]}"
 
 # Training curves: curves.txt (and curves.png, with matplotlib) next to each stage's metrics.jsonl
