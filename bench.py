@@ -26,6 +26,7 @@ Run:
   python bench.py --device cuda --compile      # GPU, bf16, also the torch.compile'd training step
   python bench.py --configs tiny --compile     # CPU inductor needs gcc; compiling takes a while
   python bench.py --device cuda --configs gpt2 --compile --ppo   # every GPU goal (a few minutes)
+  python bench.py ... --json-out b.json        # the figures also as JSON (experiments/gpu_check.sh)
 
 Deliberate shortcuts: on CPU the gpt2 shape trains with B=4, T=256 (not the full 1024 context), and its
 no-cache decode runs only 8 new tokens (128 would take minutes on 2 cores): since the no-cache cost per
@@ -34,6 +35,7 @@ MFU counts attention FLOPs at the full context (model.estimate_mfu), so with T <
 overestimate of the attention part.
 """
 import json
+import math
 import os
 import random
 import statistics
@@ -68,6 +70,7 @@ class BenchConfig:
     ppo: bool = False  # also time ppo.py iterations (batch 64, ~64-token prompts, 128-token responses)
     repeats: int = 3  # timed repeats per measurement; the median is reported
     seed: int = 0  # seed for weights, prompts and sampling
+    json_out: str | None = None  # also write every figure to this JSON file (nan, as CPU MFU: null)
 
 
 SHAPES = {
@@ -191,7 +194,8 @@ def bench_decode(name, cfg, bc, dev, hfs, B, ours, compiled=None):
 def bench_ppo(name, cfg, bc, dev):
     """ppo.py itself on random weights of the shape (policy = reference, RM = value init): a few iterations
     of 64 rollouts, prompts of about 64 tokens, 128-token responses (random weights rarely end early).
-    Prints how an iteration's time splits between generation, scoring and training, from its metrics."""
+    Prints (and returns) how an iteration's time splits between generation, scoring and training,
+    from its metrics."""
     tokenizer = "byte" if cfg.vocab_size == 258 else "gpt2"
     tok = get_tokenizer(tokenizer)
     batch, new, iters = (8, 16, 2) if bc.quick else (64, 128, 4)
@@ -225,6 +229,22 @@ def bench_ppo(name, cfg, bc, dev):
           + ", ".join(f"{k} {v:.2f} s ({v / total:.0%})" for k, v in parts.items()))
     if name == "gpt2" and dev.device_type == "cuda":
         print(f"  goal: generation <= 50% of the iteration: {'met' if parts['generate'] <= total / 2 else 'MISSED'}")
+    return {"shape": name, "rollouts": batch, "new_tokens": new, "iterations": len(rows),
+            "iteration_s": total, **{f"{k}_s": v for k, v in parts.items()},
+            "generate_share": parts["generate"] / total}
+
+
+def write_figures(path, head, train_rows, decode_rows, ppo_rows, bc):
+    """Every figure of the tables (and of --ppo) as JSON, nan as null, for scripts to read."""
+    def nums(figures):
+        return {k: v if math.isfinite(v) else None for k, v in figures.items()}
+    new = 16 if bc.quick else NEW_TOKENS
+    train = [{"shape": name, "batch": B, "seq_len": T, "tokens_per_s": nums(t), "mfu": nums(mfu)}
+             for name, (B, T), t, mfu in train_rows]
+    decode = [{"shape": name, "batch": B, "new_tokens": new, "nocache_new_tokens": new_nc,
+               "tokens_per_s": nums(d)} for name, B, d, new_nc in decode_rows]
+    figures = {**head, "train": train, "decode": decode, "ppo": ppo_rows}
+    Path(path).write_text(json.dumps(figures, indent=1) + "\n")
 
 
 def ratio(a, b):
@@ -269,13 +289,18 @@ def main():
         print(f"[{name}: {time.perf_counter() - t0:.0f} s]", flush=True)
         del hfs, ours
     print_tables(train_rows, decode_rows, bc)
+    head = {"device": dev.device, "card": card, "torch": torch.__version__, "dtype": dev.dtype,
+            "quick": bc.quick, "compile": bc.compile, "transformers": GPT2LMHeadModel is not None}
+    if bc.json_out:  # now, so that a failing ppo.py still leaves these figures
+        write_figures(bc.json_out, head, train_rows, decode_rows, [], bc)
     if busy0 is not None:
         others = (cpu_busy_s() - busy0 - (time.process_time() - own0)) / (time.perf_counter() - wall0)
         print(f"\nother processes used {others:.2f} of {os.cpu_count()} cores during the run"
               + (": contention slows many small ops more than few large ones, ratios are unreliable" if others > 0.2 else ""))
     if bc.ppo:  # after the load check: ppo.py runs as a separate process
-        for name in names:
-            bench_ppo(name, SHAPES[name], bc, dev)
+        ppo_rows = [bench_ppo(name, SHAPES[name], bc, dev) for name in names]
+        if bc.json_out:
+            write_figures(bc.json_out, head, train_rows, decode_rows, ppo_rows, bc)
 
 
 def print_tables(train_rows, decode_rows, bc):
