@@ -184,8 +184,8 @@ def main():
     if cfg.batch_size % (cfg.micro_batch_size * d.world_size):
         raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch-size x processes "
                          f"({cfg.micro_batch_size} x {d.world_size})")
-    preflight(cfg.out_dir, {"--sft": cfg.sft if cfg.sft not in GPT2_NAMES else None, "--data": cfg.data,
-                            "--val-data": cfg.val_data}, cfg.resume)
+    preflight(cfg, {"--sft": cfg.sft if cfg.sft not in GPT2_NAMES else None, "--data": cfg.data,
+                    "--val-data": cfg.val_data}, d)
     set_seed(cfg.seed)
     log = RunLog(cfg.out_dir, enabled=d.master, resume=cfg.resume)
     tokenizer, ref_policy, sft_ckpt = load_model(cfg.sft, "lm", 0.0, kind="lm")

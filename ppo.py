@@ -384,7 +384,7 @@ def check_inputs(cfg, d):
         raise ValueError(f"--batch-size, --minibatch-size and --ptx-batch-size must be multiples of {d.world_size}")
     inputs = {"--sft": cfg.sft, "--rm": cfg.rm if cfg.rm != "gold" else None, "--prompts": cfg.prompts,
               "--ptx-data": cfg.ptx_data, "--probe-prompts": cfg.probe_prompts}
-    preflight(cfg.out_dir, inputs, cfg.resume)
+    preflight(cfg, inputs, d)
 
 
 @torch.no_grad()

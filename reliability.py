@@ -1,11 +1,13 @@
 """The parts of a training loop that keep a run safe, gathered here so that the stage scripts read as their
 algorithm (skip this file on a first read):
 
-- preflight: missing inputs and an unwritable --out-dir are found before minutes of loading;
+- preflight: missing inputs and an unwritable or busy --out-dir are found before minutes of loading; the
+  run then owns its --out-dir (one run per directory);
 - training_state / resume_training: --resume continues an interrupted run exactly where it stopped;
 - Interrupt: a first Ctrl-C finishes the step, saves the state and exits with code 130;
 - NonFiniteGuard: a NaN/inf step is skipped, too many in a row stop the run.
 """
+import fcntl
 import os
 import signal
 import sys
@@ -16,21 +18,50 @@ import torch
 from tqdm import tqdm
 
 
-def preflight(out_dir, inputs, resume=False):
+def preflight(cfg, inputs, d):
     """Catch the mistakes that would otherwise surface after minutes of loading: a missing input file
-    (inputs: {flag: path or None}), an output directory that cannot be written, --resume with nothing to
-    resume. Raises FileNotFoundError/ValueError: one line and exit code 2 through cli()."""
+    (inputs: {flag: path or None}), an output directory that cannot be written or that another run is using,
+    --resume with nothing to resume. Raises FileNotFoundError/ValueError: one line and exit code 2 through
+    cli(). Then the run owns cfg.out_dir (lock_out_dir)."""
     for flag, path in inputs.items():
         if path and not Path(path).exists():
             raise FileNotFoundError(f"{flag} {path}: no such file or directory")
+    out_dir, ckpt = Path(cfg.out_dir), Path(cfg.out_dir) / "ckpt.pt"
     try:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        out_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out_dir):
             pass
     except OSError as e:
         raise ValueError(f"--out-dir {out_dir} is not a writable directory ({e.strerror}); choose another") from None
-    if resume and not (Path(out_dir) / "ckpt.pt").is_file():
-        raise FileNotFoundError(f"--resume: no {Path(out_dir) / 'ckpt.pt'} to continue from; run without --resume")
+    if d.master:  # under torchrun, rank 0 speaks for the run
+        lock_out_dir(out_dir)
+    if cfg.resume and not ckpt.is_file():
+        raise FileNotFoundError(f"--resume: no {ckpt} to continue from; run without --resume")
+
+
+_LOCKS = {}  # out_dir -> its lock file, open (and so held) until this process exits
+
+
+def lock_out_dir(out_dir):
+    """Make this process the only run writing to out_dir: an exclusive flock on out_dir/.lock, which holds
+    this process's pid. The operating system releases it when the process ends, however it ends, so the
+    lock of a killed run is never stale. A second run on the same directory is refused, naming the pid."""
+    key = Path(out_dir).resolve()
+    if key in _LOCKS:  # already ours (tests run several stages' main() in one process)
+        return
+    f = open(key / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "?"  # "?": the holder has locked it but not yet written its pid
+        f.close()
+        raise ValueError(f"--out-dir {out_dir} is in use by another run (pid {holder}); wait for it to end "
+                         "or choose another --out-dir") from None
+    f.truncate(0)
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    _LOCKS[key] = f
 
 
 def training_state(d, optimizers, generators=()):

@@ -175,9 +175,9 @@ def main():
     if cfg.batch_size % (cfg.micro_batch_size * d.world_size):
         raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch-size x processes "
                          f"({cfg.micro_batch_size} x {d.world_size})")
-    preflight(cfg.out_dir, {"--init": cfg.init if cfg.init not in ("scratch", *GPT2_NAMES) else None,
-                            "--sft-data": cfg.sft_data, "--val-sft-data": cfg.val_sft_data,
-                            "--text-data": cfg.text_data, "--val-text-data": cfg.val_text_data}, cfg.resume)
+    preflight(cfg, {"--init": cfg.init if cfg.init not in ("scratch", *GPT2_NAMES) else None,
+                    "--sft-data": cfg.sft_data, "--val-sft-data": cfg.val_sft_data,
+                    "--text-data": cfg.text_data, "--val-text-data": cfg.val_text_data}, d)
     set_seed(cfg.seed)  # the same init on every rank
     log = RunLog(cfg.out_dir, enabled=d.master, resume=cfg.resume)
     init = f"{cfg.out_dir}/ckpt.pt" if cfg.resume else cfg.init  # --resume: the interrupted run's weights

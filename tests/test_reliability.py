@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 from common import Dist, atomic_save, load_checkpoint, model_from_checkpoint, save_checkpoint
 from data.batches import encode_example
-from reliability import Interrupt
+from reliability import Interrupt, lock_out_dir
 from data.formats import DataError, load_prompts, load_rankings, load_samples, load_sft, load_text
 from data.tokenizer import get_tokenizer
 from model import GPT, GPTConfig
@@ -248,14 +248,54 @@ def test_config_errors_are_one_line_and_exit_code_2(tmp_path):
         "out dir": (["sft.py", "--text-data", "text.txt", "--out-dir", "text.txt/run"], "not a writable directory", {}),
         "resume": (["sft.py", "--text-data", "text.txt", "--out-dir", "fresh", "--resume"], "no fresh/ckpt.pt", {}),
     }
-    procs = {name: start([ROOT / args[0], *args[1:]], tmp_path, **env) for name, (args, _, env) in cases.items()}
+    procs = {}
+    for i, (name, (args, _, env)) in enumerate(cases.items()):
+        own_dir = [] if "--out-dir" in args else ["--out-dir", f"out{i}"]  # side by side: one run per directory
+        procs[name] = start([ROOT / args[0], *args[1:], *own_dir], tmp_path, **env)
     for name, proc in procs.items():
         err = finish(proc, 2)
         assert err.count("\n") == 1 and err.startswith("error: ") and cases[name][1] in err, (name, err)
     assert not (tmp_path / "fresh" / "metrics.jsonl").exists()
 
 
-# --- 6. no pickle: every torch.load in the project loads tensors only ---------------------------------------
+# --- 6. --out-dir: one run at a time, and nothing of an earlier run lost ---------------------------------------
+def test_a_second_run_on_the_same_out_dir_is_refused(tmp_path):
+    write_tiny_data(tmp_path)
+    args = [ROOT / "sft.py", "--sft-data", "sft.jsonl", "--batch-size", "4", "--micro-batch-size", "4",
+            "--log-interval", "1", "--out-dir", "out", *TINY_MODEL]
+    first = start([*args, "--max-iters", "100000", "--save-interval", "0"], tmp_path)  # no ckpt.pt before its end
+    log = tmp_path / "out" / "metrics.jsonl"
+    while not (log.is_file() and log.read_text()) and first.poll() is None:  # training: it holds the lock
+        time.sleep(0.01)
+    err = finish(start([*args, "--max-iters", "2"], tmp_path), 2)
+    assert err == f"error: --out-dir out is in use by another run (pid {first.pid}); wait for it to end or " \
+                  "choose another --out-dir\n"
+    first.send_signal(signal.SIGINT)
+    finish(first, 130)
+    steps = list(metrics(log, "loss"))
+    assert steps == list(range(len(steps))) and load_checkpoint(tmp_path / "out" / "ckpt.pt")["iter"] == len(steps)
+
+
+def test_the_out_dir_lock_is_released_when_its_holder_is_killed(tmp_path):
+    ctx = multiprocessing.get_context("fork")
+    locked = ctx.Event()
+
+    def hold():
+        lock_out_dir(tmp_path)
+        locked.set()
+        time.sleep(60)
+    holder = ctx.Process(target=hold)
+    holder.start()
+    assert locked.wait(30)
+    with pytest.raises(ValueError, match=rf"in use by another run \(pid {holder.pid}\)"):
+        lock_out_dir(tmp_path)
+    os.kill(holder.pid, signal.SIGKILL)  # no clean-up of its own: the stale lock is the OS's to release
+    holder.join()
+    lock_out_dir(tmp_path)
+    assert (tmp_path / ".lock").read_text() == f"{os.getpid()}\n"
+
+
+# --- 7. no pickle: every torch.load in the project loads tensors only ---------------------------------------
 def test_every_torch_load_uses_weights_only():
     calls = 0
     for path in ROOT.rglob("*.py"):
@@ -332,7 +372,7 @@ def test_training_state_loads_without_pickle(tmp_path):
     assert load_checkpoint(tmp_path / "ckpt.pt")["optimizers"][0]["state"]
 
 
-# --- 7. hostile data: a located DataError, never another exception --------------------------------------------
+# --- 8. hostile data: a located DataError, never another exception --------------------------------------------
 LOADERS = [load_text, load_sft, load_rankings, load_prompts, load_samples]
 
 
