@@ -30,6 +30,7 @@ class RunConfig:
     """Where and how a stage runs, and its safety plumbing (reliability.py); each stage's config adds its own."""
     save_interval: int = 100  # steps between saves of the resumable training state to ckpt.pt; 0 = at the end only
     resume: bool = False  # continue the interrupted run in out_dir from its ckpt.pt (weights, optimisers, step, RNGs)
+    overwrite: bool = False  # start afresh in an out_dir that holds an unfinished run, replacing it
     max_bad_steps: int = 5  # NaN/inf optimiser steps (each skipped) in a row after which the run stops
     device: str = "auto"  # auto, cpu, cuda, cuda:1, mps
     dtype: str = "auto"  # matmul precision: bf16 (autocast), fp32, or auto = bf16 on CUDA, fp32 elsewhere

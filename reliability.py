@@ -1,8 +1,8 @@
 """The parts of a training loop that keep a run safe, gathered here so that the stage scripts read as their
 algorithm (skip this file on a first read):
 
-- preflight: missing inputs and an unwritable or busy --out-dir are found before minutes of loading; the
-  run then owns its --out-dir (one run per directory);
+- preflight: missing inputs, an unwritable or busy --out-dir and an unfinished run in it are found before
+  minutes of loading; the run then owns its --out-dir (one run per directory);
 - training_state / resume_training: --resume continues an interrupted run exactly where it stopped;
 - Interrupt: a first Ctrl-C finishes the step, saves the state and exits with code 130;
 - NonFiniteGuard: a NaN/inf step is skipped, too many in a row stop the run.
@@ -17,12 +17,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from common import load_checkpoint, unfinished
+
 
 def preflight(cfg, inputs, d):
     """Catch the mistakes that would otherwise surface after minutes of loading: a missing input file
     (inputs: {flag: path or None}), an output directory that cannot be written or that another run is using,
-    --resume with nothing to resume. Raises FileNotFoundError/ValueError: one line and exit code 2 through
-    cli(). Then the run owns cfg.out_dir (lock_out_dir)."""
+    --resume with nothing to resume, a fresh start over an unfinished run (without --overwrite). Raises
+    FileNotFoundError/ValueError: one line and exit code 2 through cli(). Then the run owns cfg.out_dir
+    (lock_out_dir)."""
     for flag, path in inputs.items():
         if path and not Path(path).exists():
             raise FileNotFoundError(f"{flag} {path}: no such file or directory")
@@ -37,6 +40,19 @@ def preflight(cfg, inputs, d):
         lock_out_dir(out_dir)
     if cfg.resume and not ckpt.is_file():
         raise FileNotFoundError(f"--resume: no {ckpt} to continue from; run without --resume")
+    if not (cfg.resume or cfg.overwrite) and ckpt.is_file() and (step := unfinished_step(ckpt)) is not None:
+        raise ValueError(f"--out-dir {out_dir} holds an unfinished run (stopped at step {step}): continue it "
+                         "with --resume, or start afresh over it with --overwrite")
+
+
+def unfinished_step(path):
+    """The step at which the run that saved this checkpoint stopped short of its end; None when it finished
+    (or when the file is not a checkpoint that --resume could continue)."""
+    try:
+        ckpt = load_checkpoint(path, quiet=True)
+    except ValueError:
+        return None
+    return ckpt["iter"] if unfinished(ckpt) else None
 
 
 _LOCKS = {}  # out_dir -> its lock file, open (and so held) until this process exits
@@ -82,7 +98,8 @@ def resume_training(ckpt, cfg, max_iters, d, log, optimizers, generators=()):
         raise ValueError(f"--resume: {path} holds weights but no training state; run without --resume")
     if ckpt["iter"] >= max_iters:
         raise ValueError(f"--resume: {path} has finished all {max_iters} steps; raise --max-iters to train on")
-    changed = sorted(k for k, v in ckpt["config"].items() if k != "resume" and getattr(cfg, k, v) != v)
+    changed = sorted(k for k, v in ckpt["config"].items()
+                     if k not in ("resume", "overwrite") and getattr(cfg, k, v) != v)
     if changed and d.master:
         print(f"warning: resuming with settings changed since the checkpoint: {', '.join(changed)}", file=sys.stderr)
     for opt, state in zip(optimizers, ckpt["optimizers"], strict=True):

@@ -61,6 +61,9 @@ finished() {  # a checkpoint that loads and whose run did all its steps (common.
 stage() {  # stage NAME OUTPUT COMMAND...: run COMMAND unless OUTPUT exists; report its time
   local name=$1 out=$2; shift 2
   if [[ -e $out && $FORCE != 1 ]] && finished "$out"; then echo "== $name: $out exists, skipped"; return; fi
+  # a training stage refuses to start afresh over an unfinished run (it could be resumed); rerunning it from
+  # the start is what this script does, so it says so
+  if [[ $out == *.pt && -e $out ]]; then set -- "$@" --overwrite; fi
   echo "== $name"
   local t0=$(date +%s)
   "$@"

@@ -16,6 +16,7 @@ import time
 import zipfile
 import zlib
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -23,7 +24,7 @@ from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 from common import Dist, atomic_save, load_checkpoint, model_from_checkpoint, save_checkpoint
 from data.batches import encode_example
-from reliability import Interrupt, lock_out_dir
+from reliability import Interrupt, lock_out_dir, preflight
 from data.formats import DataError, load_prompts, load_rankings, load_samples, load_sft, load_text
 from data.tokenizer import get_tokenizer
 from model import GPT, GPTConfig
@@ -293,6 +294,42 @@ def test_the_out_dir_lock_is_released_when_its_holder_is_killed(tmp_path):
     holder.join()
     lock_out_dir(tmp_path)
     assert (tmp_path / ".lock").read_text() == f"{os.getpid()}\n"
+
+
+def test_a_fresh_run_refuses_an_unfinished_out_dir(tmp_path, monkeypatch, capsys):
+    """A periodic save (Ctrl-C, a crash) is kept from a fresh start unless --resume or --overwrite says what to do
+    with it; a finished run's directory may be rerun (train.sh FORCE=1)."""
+    monkeypatch.chdir(tmp_path)
+    write_tiny_data(tmp_path)
+    out, model = tmp_path / "out", GPT(GPTConfig(block_size=16, vocab_size=20, n_layer=1, n_head=2, n_embd=8))
+    save_checkpoint(out / "ckpt.pt", model, {}, "byte", iter=3, max_iters=10)  # stopped at step 3 of 10
+    (out / "metrics.jsonl").write_text('{"step": 0, "loss": 5.0}\n')
+    before = {p: p.read_bytes() for p in out.iterdir()}
+    code, err = run_cli("sft.py", ["--text-data", "text.txt", "--out-dir", "out", *TINY_MODEL], monkeypatch, capsys)
+    assert code == 2 and err == "error: --out-dir out holds an unfinished run (stopped at step 3): continue it " \
+                                "with --resume, or start afresh over it with --overwrite\n"
+    assert all(p.read_bytes() == b for p, b in before.items())
+    for resume, overwrite in ((True, False), (False, True)):
+        preflight(SimpleNamespace(out_dir=out, resume=resume, overwrite=overwrite), {}, Dist("cpu"))
+    save_checkpoint(out / "ckpt.pt", model, {}, "byte", iter=10, max_iters=10)
+    preflight(SimpleNamespace(out_dir=out, resume=False, overwrite=False), {}, Dist("cpu"))
+
+
+def test_train_sh_reruns_an_unfinished_stage_with_overwrite(tmp_path):
+    """train.sh reruns an interrupted stage from the start, as it says: its stage() passes --overwrite."""
+    model = GPT(GPTConfig(block_size=16, vocab_size=20, n_layer=1, n_head=2, n_embd=8))
+    save_checkpoint(tmp_path / "unfinished.pt", model, {}, "byte", iter=3, max_iters=10)
+    save_checkpoint(tmp_path / "finished.pt", model, {}, "byte", iter=10, max_iters=10)
+    sh = (ROOT / "train.sh").read_text()
+    functions = sh[sh.index("finished() {"):sh.index("if [[ $MODE == hh ]]")]  # finished() and stage()
+    script = f"""PY={sys.executable} FORCE=0 ALGOS=
+{functions}
+stage a unfinished.pt echo run; stage b finished.pt echo run; stage c new.pt echo run
+FORCE=1; stage d finished.pt echo run"""
+    res = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=ENV, capture_output=True, text=True)
+    runs = [line for line in res.stdout.splitlines() if not line.startswith("== ")]
+    assert res.returncode == 0 and runs == ["run --overwrite", "run", "run --overwrite"], res.stdout + res.stderr
+    assert "== b: finished.pt exists, skipped" in res.stdout
 
 
 # --- 7. no pickle: every torch.load in the project loads tensors only ---------------------------------------
