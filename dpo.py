@@ -187,7 +187,6 @@ def main():
     preflight(cfg, {"--sft": cfg.sft if cfg.sft not in GPT2_NAMES else None, "--data": cfg.data,
                     "--val-data": cfg.val_data}, d)
     set_seed(cfg.seed)
-    log = RunLog(cfg.out_dir, enabled=d.master, resume=cfg.resume)
     tokenizer, ref_policy, sft_ckpt = load_model(cfg.sft, "lm", 0.0, kind="lm")
     ref_policy = ref_policy.to(d.device).eval().requires_grad_(False)
     init = f"{cfg.out_dir}/ckpt.pt" if cfg.resume else cfg.sft  # --resume: the interrupted run's policy
@@ -209,6 +208,8 @@ def main():
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), d.device_type)
 
     # -- plumbing (skip on a first read): --resume, periodic saves, Ctrl-C, non-finite steps; see reliability.py
+    # opened only now that inputs and models have loaded: a fresh run that fails before keeps the old log
+    log = RunLog(cfg.out_dir, enabled=d.master, resume=cfg.resume)
     start = resume_training(ckpt, cfg, max_iters, d, log, [optimizer]) if cfg.resume else 0
 
     def save(step):  # the weights and what --resume needs, every --save-interval steps and at the end

@@ -435,7 +435,6 @@ def main():
     d = Dist(cfg.device, cfg.dtype)
     check_inputs(cfg, d)
     set_seed(cfg.seed)
-    log = RunLog(cfg.out_dir, enabled=d.master, resume=cfg.resume)
     policy, ref_policy, reward_model, value_model, ema, tok, resumed = load_rl_models(cfg, d)
     if cfg.rl_params == "norms":
         for name, p in policy.named_parameters():
@@ -458,6 +457,8 @@ def main():
     sample_gen = torch.Generator(device=d.device if d.device_type == "cuda" else "cpu").manual_seed(cfg.seed)
 
     # -- plumbing (skip on a first read): --resume, saves, Ctrl-C, non-finite steps; see reliability.py
+    # opened only now that inputs and models have loaded: a fresh run that fails before keeps the old log
+    log = RunLog(cfg.out_dir, enabled=d.master, resume=cfg.resume)
     start = resume_training(resumed, cfg, n_iters, d, log, optimizers, [sample_gen]) if cfg.resume else 0
     if cfg.resume and kl_ctl is not None:  # where the adaptive kl_coef had got to
         kl_ctl.kl_coef = resumed.get("kl_coef", kl_ctl.kl_coef)

@@ -179,7 +179,6 @@ def main():
                     "--sft-data": cfg.sft_data, "--val-sft-data": cfg.val_sft_data,
                     "--text-data": cfg.text_data, "--val-text-data": cfg.val_text_data}, d)
     set_seed(cfg.seed)  # the same init on every rank
-    log = RunLog(cfg.out_dir, enabled=d.master, resume=cfg.resume)
     init = f"{cfg.out_dir}/ckpt.pt" if cfg.resume else cfg.init  # --resume: the interrupted run's weights
     if init == "scratch":
         tokenizer = cfg.tokenizer
@@ -208,6 +207,8 @@ def main():
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), d.device_type)
 
     # -- plumbing (skip on a first read): --resume, periodic saves, Ctrl-C, non-finite steps; see reliability.py
+    # opened only now that inputs and models have loaded: a fresh run that fails before keeps the old log
+    log = RunLog(cfg.out_dir, enabled=d.master, resume=cfg.resume)
     start = resume_training(ckpt, cfg, max_iters, d, log, [optimizer]) if cfg.resume else 0
 
     def save(step):  # the weights and what --resume needs, every --save-interval steps and at the end

@@ -332,6 +332,23 @@ FORCE=1; stage d finished.pt echo run"""
     assert "== b: finished.pt exists, skipped" in res.stdout
 
 
+def test_a_fresh_start_that_fails_keeps_the_previous_runs_log(tmp_path, monkeypatch, capsys):
+    """The old metrics.jsonl is cleared when the new run starts training, not before its inputs have loaded."""
+    monkeypatch.chdir(tmp_path)
+    write_tiny_data(tmp_path)
+    write_tiny_policy_and_rm(tmp_path)
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "unclosed\n')
+    stages = {"sft.py": ["--sft-data", "bad.jsonl", *TINY_MODEL], "ppo.py": [*PPO_TINY, "--prompts", "bad.jsonl"],
+              "reward.py": ["--init", "sft.pt", "--data", "bad.jsonl"], "dpo.py": ["--sft", "sft.pt", "--data", "bad.jsonl"]}
+    old_log = '{"step": 0, "loss": 5.0}\n{"step": 1, "loss": 4.0}\n'
+    for script, argv in stages.items():
+        (tmp_path / script).mkdir()
+        (tmp_path / script / "metrics.jsonl").write_text(old_log)  # a finished run's
+        code, err = run_cli(script, [*argv, "--device", "cpu", "--out-dir", script], monkeypatch, capsys)
+        assert code == 2 and err.startswith("error: bad.jsonl:1: "), (script, err)
+        assert (tmp_path / script / "metrics.jsonl").read_text() == old_log, script
+
+
 # --- 7. no pickle: every torch.load in the project loads tensors only ---------------------------------------
 def test_every_torch_load_uses_weights_only():
     calls = 0
