@@ -8,6 +8,7 @@ import json
 import math
 import os
 import pickle
+import shutil
 import sys
 import time
 import warnings
@@ -118,6 +119,12 @@ def atomic_save(obj, path):
     """torch.save through data.formats.atomic_open: a crash mid-save leaves the previous file intact."""
     with atomic_open(path) as f:
         torch.save(obj, f)
+
+
+def atomic_copy(src, dst):
+    """Copy a file through data.formats.atomic_open, as atomic_save: a crash mid-copy leaves no partial dst."""
+    with open(src, "rb") as f, atomic_open(dst) as out:
+        shutil.copyfileobj(f, out)
 
 
 def _finite_weights(model, path):

@@ -32,7 +32,6 @@ rate 100x the whole model's: with 64 episodes an iteration, that is the step tha
 barely moves a policy").
 """
 import math
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -40,7 +39,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import Dist, RunConfig, RunLog, load_rl_models, save_checkpoint, set_seed, update_ema
+from common import (Dist, RunConfig, RunLog, atomic_copy, load_rl_models, save_checkpoint, set_seed,
+                    update_ema)
 from config import cli, parse_config
 from data.batches import pad_left, shuffled_indices, text_windows
 from data.formats import load_prompts, load_text
@@ -472,7 +472,7 @@ def main():
             save_checkpoint(f"{cfg.out_dir}/ckpt.pt", ema if ema is not None else policy, cfg, tok.name, iter=step,
                             max_iters=n_iters, kl_coef=kl_ctl.kl_coef if kl_ctl else cfg.kl_coef, **extra, **state)
             if cfg.keep_saves:
-                shutil.copyfile(f"{cfg.out_dir}/ckpt.pt", f"{cfg.out_dir}/ckpt_{step}.pt")
+                atomic_copy(f"{cfg.out_dir}/ckpt.pt", f"{cfg.out_dir}/ckpt_{step}.pt")
     interrupt, guard = Interrupt(d), NonFiniteGuard(cfg.max_bad_steps, d)
     if d.master:
         print(f"PPO: {len(queries)} prompts, {n_iters} iterations of {cfg.batch_size} rollouts "

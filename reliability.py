@@ -25,7 +25,7 @@ def preflight(cfg, inputs, d):
     (inputs: {flag: path or None}), an output directory that cannot be written or that another run is using,
     --resume with nothing to resume, a fresh start over an unfinished run (without --overwrite). Raises
     FileNotFoundError/ValueError: one line and exit code 2 through cli(). Then the run owns cfg.out_dir
-    (lock_out_dir)."""
+    (lock_out_dir) and removes the temporary files a writer killed there left behind."""
     for flag, path in inputs.items():
         if path and not Path(path).exists():
             raise FileNotFoundError(f"{flag} {path}: no such file or directory")
@@ -38,6 +38,8 @@ def preflight(cfg, inputs, d):
         raise ValueError(f"--out-dir {out_dir} is not a writable directory ({e.strerror}); choose another") from None
     if d.master:  # under torchrun, rank 0 speaks for the run
         lock_out_dir(out_dir)
+        for tmp in out_dir.glob(".*.tmp*"):  # data.formats.atomic_open's; we hold the lock, so their writer died
+            tmp.unlink(missing_ok=True)
     if cfg.resume and not ckpt.is_file():
         raise FileNotFoundError(f"--resume: no {ckpt} to continue from; run without --resume")
     if not (cfg.resume or cfg.overwrite) and ckpt.is_file() and (step := unfinished_step(ckpt)) is not None:

@@ -22,7 +22,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
-from common import Dist, atomic_save, load_checkpoint, model_from_checkpoint, save_checkpoint
+from common import Dist, atomic_copy, atomic_save, load_checkpoint, model_from_checkpoint, save_checkpoint
 from data.batches import encode_example
 from reliability import Interrupt, lock_out_dir, preflight
 from data.formats import DataError, load_prompts, load_rankings, load_samples, load_sft, load_text
@@ -92,6 +92,53 @@ def test_checkpoint_survives_sigkill_while_saving(tmp_path):
         assert (ckpt["w"] == ckpt["i"]).all()
         done.value = ckpt["i"]
     assert list(tmp_path.glob(".ckpt.pt.tmp*")), "no kill landed inside a write: the test proved nothing"
+
+
+def copy_forever(src, out_dir, done):
+    while True:
+        i = done.value + 1
+        atomic_copy(src, out_dir / f"ckpt_{i}.pt")  # what ppo.py --keep-saves does after each save
+        done.value = i
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="fork and SIGKILL")
+def test_kept_saves_survive_sigkill_and_a_dead_writers_temporary_files_go(tmp_path):
+    """A kept save (ckpt_<it>.pt) is complete or absent whenever its writer dies; the temporary files a killed
+    writer leaves are removed when the next run starts in that directory."""
+    src, out, rng = tmp_path / "ckpt.pt", tmp_path / "out", random.Random(0)
+    data = rng.randbytes(2 << 20)
+    src.write_bytes(data)
+    out.mkdir()
+    ctx = multiprocessing.get_context("fork")
+    done = ctx.Value("q", 0, lock=False)
+    for _ in range(5):
+        copier = ctx.Process(target=copy_forever, args=(src, out, done))
+        copier.start()
+        before, deadline = done.value, time.monotonic() + 60
+        while done.value < before + 2:
+            assert copier.is_alive() and time.monotonic() < deadline, "the copier died or hung"
+            time.sleep(0.001)
+        time.sleep(rng.uniform(0, 0.02))
+        os.kill(copier.pid, signal.SIGKILL)
+        copier.join()
+        for kept in out.glob("ckpt_*.pt"):
+            assert kept.read_bytes() == data, f"{kept.name} is a partial copy"
+            kept.unlink()
+    assert list(out.glob(".ckpt_*.pt.tmp*")), "no kill landed inside a copy: the test proved nothing"
+    preflight(SimpleNamespace(out_dir=out, resume=False, overwrite=False), {}, Dist("cpu"))  # the next run starts
+    assert not list(out.glob(".*.tmp*"))
+
+
+def test_stage_scripts_write_files_only_through_the_atomic_writers():
+    """sft.py, reward.py, ppo.py and dpo.py write through common's atomic writers (save_checkpoint, atomic_copy;
+    RunLog appends lines) and never open, copy or save a file themselves."""
+    for script in ("sft.py", "reward.py", "ppo.py", "dpo.py"):
+        for node in ast.walk(ast.parse((ROOT / script).read_text())):
+            if isinstance(node, ast.Call):
+                name = ast.unparse(node.func)
+                writes = name in ("open", "torch.save") or name.startswith("shutil.") or \
+                    name.endswith((".write_text", ".write_bytes"))
+                assert not writes, f"{script}:{node.lineno}: {name}(...) writes around the atomic writers"
 
 
 # --- 2. --resume continues exactly where the interrupted run stopped -------------------------------------------
