@@ -26,6 +26,13 @@ from model import GPT, GPTConfig, load_lm_into
 
 
 # --- the settings every training stage shares ---------------------------------------------------------------
+# settings of one name in several stages, and the ranges RunConfig checks them against
+POSITIVE = ("batch_size", "micro_batch_size", "minibatch_size", "ptx_batch_size", "epochs", "total_episodes",
+            "ppo_epochs", "max_new_tokens", "seq_len", "ptx_seq_len", "lr", "vf_lr", "log_interval",
+            "eval_interval", "sample_interval", "probe_interval", "max_bad_steps")
+NON_NEGATIVE = ("max_iters", "warmup_iters", "save_interval")  # 0 means: derived, none, at the end only
+
+
 @dataclass
 class RunConfig:
     """Where and how a stage runs, and its safety plumbing (reliability.py); each stage's config adds its own."""
@@ -39,6 +46,19 @@ class RunConfig:
     grad_checkpointing: bool = False  # recompute activations in the backward pass: less memory, slower
     seed: int = 0  # seed of the run: initialisation, data order, sampling
 
+    def __post_init__(self):
+        """The ranges of the settings that stages share by name (each stage's __post_init__ calls this
+        first): a batch size of 0 or a negative warmup is a one-line error (exit code 2), not a
+        ZeroDivisionError or a run that silently trains nothing."""
+        for name in POSITIVE + NON_NEGATIVE:
+            value = getattr(self, name, None)
+            if value is None:  # a setting this stage does not have
+                continue
+            if name in POSITIVE and not value > 0:  # `not >`: NaN is refused too
+                raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+            if name in NON_NEGATIVE and not value >= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+
 
 # --- device, precision, distributed -----------------------------------------------------------------------
 def autodetect_device():
@@ -47,6 +67,19 @@ def autodetect_device():
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return "mps"
     return "cpu"
+
+
+def check_device(device):
+    """A one-line error (exit code 2) for a --device this machine does not have, before anything loads."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device}: not a device; use auto, cpu, cuda, cuda:N or mps") from None
+    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():  # 0 without CUDA
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                         "visible to torch; use --device auto or cpu")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: MPS (Apple GPU) is not available here; use --device auto or cpu")
 
 
 class Dist:
@@ -58,6 +91,7 @@ class Dist:
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
         device = autodetect_device() if device == "auto" else device
+        check_device(device)
         if self.ddp and device.startswith("cuda"):
             device = f"cuda:{self.local_rank}"
             torch.cuda.set_device(device)

@@ -94,9 +94,13 @@ class PPOConfig(RunConfig):
     frozen_bf16: bool = True  # on CUDA, the frozen reference and RM in bf16 (half the memory; fp32 on CPU)
 
     def __post_init__(self):
+        super().__post_init__()  # the shared settings' ranges (common.RunConfig)
         if self.batch_size % self.minibatch_size:
             raise ValueError(f"--batch-size {self.batch_size} is not a multiple of --minibatch-size "
                              f"{self.minibatch_size}")
+        if self.total_episodes < self.batch_size:
+            raise ValueError(f"--total-episodes {self.total_episodes} is less than one iteration's --batch-size "
+                             f"{self.batch_size}: no iteration would run")
         if self.kl_coef < 0 or self.ptx_coef < 0:
             raise ValueError("--kl-coef and --ptx-coef must be >= 0")
         if self.temperature <= 0:

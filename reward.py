@@ -57,6 +57,7 @@ class RewardConfig(RunConfig):
     log_interval: int = 10  # steps between log lines
 
     def __post_init__(self):
+        super().__post_init__()  # the shared settings' ranges (common.RunConfig)
         if self.batch_size % self.micro_batch_size:
             raise ValueError(f"--batch-size {self.batch_size} is not a multiple of --micro-batch-size "
                              f"{self.micro_batch_size}")

@@ -64,6 +64,7 @@ class SFTConfig(RunConfig):
     log_interval: int = 10  # steps between log lines
 
     def __post_init__(self):
+        super().__post_init__()  # the shared settings' ranges (common.RunConfig)
         if not self.sft_data and not self.text_data:
             raise ValueError("give --sft-data (demonstrations) and/or --text-data (pretraining text)")
         if not 0.0 <= self.ptx_fraction < 1.0:

@@ -273,7 +273,7 @@ def test_diverging_runs_skip_then_stop_and_leave_the_checkpoint(tmp_path):
 
 
 # --- 5. config mistakes: exit code 2 and one line, before any work ---------------------------------------------
-def test_config_errors_are_one_line_and_exit_code_2(tmp_path):
+def test_config_errors_are_one_line_and_exit_code_2(tmp_path, monkeypatch, capsys):
     write_tiny_data(tmp_path)
     write_tiny_policy_and_rm(tmp_path)
     (tmp_path / "k1.jsonl").write_text(json.dumps({"prompt": "p", "responses": ["a"], "ranking": [0]}) + "\n")
@@ -304,6 +304,25 @@ def test_config_errors_are_one_line_and_exit_code_2(tmp_path):
         err = finish(proc, 2)
         assert err.count("\n") == 1 and err.startswith("error: ") and cases[name][1] in err, (name, err)
     assert not (tmp_path / "fresh" / "metrics.jsonl").exists()
+    # numbers out of range (common.RunConfig) and a device this machine lacks (common.check_device): found
+    # before anything loads, so run in this process (fast) through the scripts' cli()
+    early = {
+        "warmup": (["ppo.py", *PPO_TINY, "--warmup-iters", "-1"], "--warmup-iters must be >= 0, got -1"),
+        "micro-batch": (["sft.py", "--text-data", "text.txt", "--micro-batch-size", "0"],
+                        "--micro-batch-size must be > 0"),
+        "minibatch": (["ppo.py", *PPO_TINY, "--minibatch-size", "0"], "--minibatch-size must be > 0"),
+        "ppo epochs": (["ppo.py", *PPO_TINY, "--ppo-epochs", "0"], "--ppo-epochs must be > 0"),
+        "episodes": (["ppo.py", *PPO_TINY, "--total-episodes", "4"], "no iteration would run"),
+        "lr": (["reward.py", "--init", "sft.pt", "--data", "rank.jsonl", "--lr", "nan"], "--lr must be > 0"),
+        "epochs": (["dpo.py", "--sft", "sft.pt", "--data", "rank.jsonl", "--epochs", "0"], "--epochs must be > 0"),
+        "device": (["sft.py", "--text-data", "text.txt", "--device", f"cuda:{torch.cuda.device_count()}"],
+                   "CUDA device(s) visible to torch"),  # --device cuda on a machine without one
+    }
+    monkeypatch.chdir(tmp_path)
+    for name, ((script, *argv), words) in early.items():
+        code, err = run_cli(script, [*argv, "--out-dir", name], monkeypatch, capsys)
+        assert code == 2 and err.count("\n") == 1 and err.startswith("error: ") and words in err, (name, err)
+        assert not (tmp_path / name).exists()
 
 
 # --- 6. --out-dir: one run at a time, and nothing of an earlier run lost ---------------------------------------
