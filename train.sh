@@ -147,7 +147,7 @@ else
   # (lr 1e-5) or breaks SFT (1e-4); see "Why RL barely moves a policy" in the README.
   RL=(--rl-params norms --lr 1e-3 --ppo-epochs 4)
   PPO=(--total-episodes 2560 --kl-coef 0.3 "${RL[@]}")  # 40 iterations; kl_coef on the RM's normalised scale
-  PPO_GOLD=(--total-episodes 5120 --kl-coef 0.05 "${RL[@]}")  # 80 iterations; the gold reward: (gold score - 0.6) x 4
+  PPO_GOLD=(--total-episodes 7680 --kl-coef 0.05 "${RL[@]}")  # 120 iterations; the gold reward: (gold score - 0.6) x 4
   DPO=()
   OVEROPT_PPO=(--total-episodes 2560 --kl-coef 0 --lr 3e-5 --save-interval 5)  # a small KL penalty: KL grows
   OVEROPT=(--max-n 64)
