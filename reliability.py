@@ -99,7 +99,8 @@ def resume_training(ckpt, cfg, max_iters, d, log, optimizers, generators=()):
     if "optimizers" not in ckpt:
         raise ValueError(f"--resume: {path} holds weights but no training state; run without --resume")
     if ckpt["iter"] >= max_iters:
-        raise ValueError(f"--resume: {path} has finished all {max_iters} steps; raise --max-iters to train on")
+        length = "--total-episodes" if hasattr(cfg, "total_episodes") else "--max-iters"  # ppo.py's, the others'
+        raise ValueError(f"--resume: {path} has finished all {max_iters} steps; raise {length} to train on")
     changed = sorted(k for k, v in ckpt["config"].items()
                      if k not in ("resume", "overwrite") and getattr(cfg, k, v) != v)
     if changed and d.master:

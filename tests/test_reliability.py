@@ -280,6 +280,9 @@ def test_config_errors_are_one_line_and_exit_code_2(tmp_path, monkeypatch, capsy
     ckpt = load_checkpoint(tmp_path / "sft.pt")
     ckpt["max_response_tokens"] = 20  # an SFT model taught answers of up to 20 tokens
     torch.save(ckpt, tmp_path / "sft_long.pt")
+    (tmp_path / "done").mkdir()  # a PPO run of 16 episodes (2 iterations of 8) that has finished
+    torch.save({**load_checkpoint(tmp_path / "sft.pt"), "iter": 2, "max_iters": 2, "optimizers": [],
+                "value_model": load_checkpoint(tmp_path / "rm.pt")["model"]}, tmp_path / "done" / "ckpt.pt")
     cases = {  # args, words the message must contain, extra environment
         "world size": (["sft.py", "--text-data", "text.txt", "--batch-size", "8", "--micro-batch-size", "4"],
                        "multiple of --micro-batch-size x processes", {"WORLD_SIZE": "3"}),  # no RANK: no process group
@@ -295,6 +298,10 @@ def test_config_errors_are_one_line_and_exit_code_2(tmp_path, monkeypatch, capsy
         "missing file": (["ppo.py", *PPO_TINY, "--ptx-data", "nowhere.txt"], "--ptx-data nowhere.txt: no such", {}),
         "out dir": (["sft.py", "--text-data", "text.txt", "--out-dir", "text.txt/run"], "not a writable directory", {}),
         "resume": (["sft.py", "--text-data", "text.txt", "--out-dir", "fresh", "--resume"], "no fresh/ckpt.pt", {}),
+        # --prompts k1.jsonl: no over-long prompt, whose warning would be a second line
+        "resume finished": (["ppo.py", *PPO_TINY, "--prompts", "k1.jsonl", "--total-episodes", "16", "--out-dir",
+                             "done", "--resume"],
+                            "has finished all 2 steps; raise --total-episodes to train on", {}),
     }
     procs = {}
     for i, (name, (args, _, env)) in enumerate(cases.items()):
