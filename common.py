@@ -289,12 +289,18 @@ def load_rl_models(cfg, d):
     ema = copy.deepcopy(policy).requires_grad_(False) if cfg.ema_decay > 0 else None
     resumed = None
     if cfg.resume:  # the interrupted run's models; ckpt.pt's "model" is the EMA when there is one
-        resumed = load_checkpoint(f"{cfg.out_dir}/ckpt.pt")
-        policy.load_state_dict(resumed.get("policy", resumed["model"]))
-        if value_model is not None:
-            value_model.load_state_dict(resumed["value_model"])
-        if ema is not None and "policy" in resumed:
-            ema.load_state_dict(resumed["model"])
+        path = f"{cfg.out_dir}/ckpt.pt"
+        resumed = load_checkpoint(path, quiet=True)  # no note that --resume finishes it: this is --resume
+        try:
+            policy.load_state_dict(resumed.get("policy", resumed["model"]))
+            if value_model is not None:
+                value_model.load_state_dict(resumed["value_model"])
+            if ema is not None and "policy" in resumed:
+                ema.load_state_dict(resumed["model"])
+        except RuntimeError:  # torch's message lists every tensor that differs, one per line
+            raise ValueError(f"--resume: the shapes of the models in {path} differ from those built from --sft "
+                             "and --rm (another model size); resume with the checkpoints its run started from, "
+                             "or run without --resume") from None
     trained = [m for m in (policy, value_model) if m is not None]
     for m in trained:
         m.gradient_checkpointing = cfg.grad_checkpointing

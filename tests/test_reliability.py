@@ -283,6 +283,9 @@ def test_config_errors_are_one_line_and_exit_code_2(tmp_path, monkeypatch, capsy
     (tmp_path / "done").mkdir()  # a PPO run of 16 episodes (2 iterations of 8) that has finished
     torch.save({**load_checkpoint(tmp_path / "sft.pt"), "iter": 2, "max_iters": 2, "optimizers": [],
                 "value_model": load_checkpoint(tmp_path / "rm.pt")["model"]}, tmp_path / "done" / "ckpt.pt")
+    narrow = GPTConfig(block_size=64, vocab_size=get_tokenizer("byte").n_vocab, n_layer=1, n_head=2, n_embd=16)
+    (tmp_path / "narrow").mkdir()  # an unfinished run of a smaller model than sft.pt's
+    save_checkpoint(tmp_path / "narrow" / "ckpt.pt", GPT(narrow), {}, "byte", iter=1, max_iters=2)
     cases = {  # args, words the message must contain, extra environment
         "world size": (["sft.py", "--text-data", "text.txt", "--batch-size", "8", "--micro-batch-size", "4"],
                        "multiple of --micro-batch-size x processes", {"WORLD_SIZE": "3"}),  # no RANK: no process group
@@ -302,6 +305,8 @@ def test_config_errors_are_one_line_and_exit_code_2(tmp_path, monkeypatch, capsy
         "resume finished": (["ppo.py", *PPO_TINY, "--prompts", "k1.jsonl", "--total-episodes", "16", "--out-dir",
                              "done", "--resume"],
                             "has finished all 2 steps; raise --total-episodes to train on", {}),
+        "resume other size": (["ppo.py", *PPO_TINY, "--out-dir", "narrow", "--resume"],
+                              "the shapes of the models in narrow/ckpt.pt differ", {}),
     }
     procs = {}
     for i, (name, (args, _, env)) in enumerate(cases.items()):
