@@ -50,14 +50,20 @@ class RunConfig:
         """The ranges of the settings that stages share by name (each stage's __post_init__ calls this
         first): a batch size of 0 or a negative warmup is a one-line error (exit code 2), not a
         ZeroDivisionError or a run that silently trains nothing."""
-        for name in POSITIVE + NON_NEGATIVE:
-            value = getattr(self, name, None)
-            if value is None:  # a setting this stage does not have
-                continue
-            if name in POSITIVE and not value > 0:  # `not >`: NaN is refused too
-                raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {value}")
-            if name in NON_NEGATIVE and not value >= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+        check_ranges(self, POSITIVE, NON_NEGATIVE)
+
+
+def check_ranges(cfg, positive, non_negative=()):
+    """Raise a one-line ValueError (exit code 2 through config.cli) for the first of these settings of cfg
+    out of its range; a name cfg does not have is skipped."""
+    for name in positive + non_negative:
+        value = getattr(cfg, name, None)
+        if value is None:
+            continue
+        if name in positive and not value > 0:  # `not >`: NaN is refused too
+            raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+        if name in non_negative and not value >= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
 
 
 # --- device, precision, distributed -----------------------------------------------------------------------

@@ -77,7 +77,8 @@ from pathlib import Path
 
 import torch
 
-from common import autodetect_device, check_max_new_tokens, load_checkpoint, model_from_checkpoint
+from common import (autodetect_device, check_max_new_tokens, check_ranges, load_checkpoint,
+                    model_from_checkpoint)
 from config import cli, parse_config
 from data.batches import pad_left
 from data.formats import encode_chat, load_prompts, load_sft, load_text, write_jsonl, write_text
@@ -125,8 +126,9 @@ class EvalConfig:
             raise ValueError(f"--judge must be 'gold' or 'rm', got {self.judge!r}")
         if self.temperature <= 0:
             raise ValueError("--temperature must be > 0: the KL is computed at the sampling temperature")
-        if self.max_new_tokens < 1 or self.batch_size < 1 or self.best_of < 0 or self.few_shot_k < 1:
-            raise ValueError("--max-new-tokens, --batch-size and --few-shot-k must be >= 1, --best-of >= 0")
+        # best_of 0: best_of_n left out; max_prompts 0: all prompts
+        check_ranges(self, ("max_new_tokens", "batch_size", "few_shot_k", "pretrain_windows"),
+                     ("best_of", "max_prompts"))
         if self.few_shot_data and not self.base:
             raise ValueError("--few-shot-data prompts the base model: give --base too")
 

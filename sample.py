@@ -20,7 +20,7 @@ import random
 import sys
 from dataclasses import dataclass
 
-from common import autodetect_device, check_max_new_tokens
+from common import autodetect_device, check_max_new_tokens, check_ranges
 from config import cli, join_repeated, parse_config
 from data.formats import load_prompts, write_jsonl
 from data.tokenizer import get_tokenizer
@@ -40,6 +40,7 @@ class SampleConfig:
     seed: int = 0  # seed of the sampler (the same for every checkpoint)
 
     def __post_init__(self):
+        check_ranges(self, ("n", "max_new_tokens", "batch_size"))
         if (self.prompts is None) == (self.prompt is None):
             raise ValueError("give either --prompts FILE or --prompt TEXT")
         if self.temperature < 0:
@@ -61,6 +62,7 @@ class CollectConfig:
     seed: int = 0  # seed of K and of the sampler
 
     def __post_init__(self):
+        check_ranges(self, ("max_new_tokens", "batch_size"), ("max_prompts",))  # max_prompts 0: all
         if not 1 <= self.k_min <= self.k_max:
             raise ValueError(f"need 1 <= --k-min <= --k-max, got {self.k_min}, {self.k_max}")
         if self.temperature <= 0:

@@ -329,10 +329,17 @@ def test_config_errors_are_one_line_and_exit_code_2(tmp_path, monkeypatch, capsy
         "epochs": (["dpo.py", "--sft", "sft.pt", "--data", "rank.jsonl", "--epochs", "0"], "--epochs must be > 0"),
         "device": (["sft.py", "--text-data", "text.txt", "--device", f"cuda:{torch.cuda.device_count()}"],
                    "CUDA device(s) visible to torch"),  # --device cuda on a machine without one
+        "sample tokens": (["sample.py", "--prompt", "hi", "--max-new-tokens", "-5"],
+                          "--max-new-tokens must be > 0, got -5"),
+        "sample n": (["sample.py", "--prompt", "hi", "--n", "0"], "--n must be > 0, got 0"),
+        "collect batch": (["sample.py", "collect", "--batch-size", "0"], "--batch-size must be > 0, got 0"),
+        "evaluate prompts": (["evaluate.py", "--max-prompts", "-1"], "--max-prompts must be >= 0, got -1"),
+        "evaluate tokens": (["evaluate.py", "--max-new-tokens", "0"], "--max-new-tokens must be > 0, got 0"),
     }
     monkeypatch.chdir(tmp_path)
     for name, ((script, *argv), words) in early.items():
-        code, err = run_cli(script, [*argv, "--out-dir", name], monkeypatch, capsys)
+        own_dir = [] if script == "sample.py" else ["--out-dir", name]  # sample.py has none
+        code, err = run_cli(script, [*argv, *own_dir], monkeypatch, capsys)
         assert code == 2 and err.count("\n") == 1 and err.startswith("error: ") and words in err, (name, err)
         assert not (tmp_path / name).exists()
 
