@@ -519,6 +519,9 @@ def main():
     cfg = parse_config(EvalConfig)
     device = autodetect_device() if cfg.device == "auto" else cfg.device
     out_dir = Path(cfg.out_dir)
+    existing = next(p for p in (out_dir, *out_dir.parents) if p.exists())
+    if not existing.is_dir():  # found now, not when the report is written after all the sampling
+        raise ValueError(f"--out-dir {out_dir}: {existing} is a file, not a directory; choose another --out-dir")
     t_start = time.time()
 
     # -- models: the SFT reference and the RM stay loaded; the others are loaded in turn

@@ -335,10 +335,12 @@ def test_config_errors_are_one_line_and_exit_code_2(tmp_path, monkeypatch, capsy
         "collect batch": (["sample.py", "collect", "--batch-size", "0"], "--batch-size must be > 0, got 0"),
         "evaluate prompts": (["evaluate.py", "--max-prompts", "-1"], "--max-prompts must be >= 0, got -1"),
         "evaluate tokens": (["evaluate.py", "--max-new-tokens", "0"], "--max-new-tokens must be > 0, got 0"),
+        # before --sft (runs/sft/ckpt.pt, not here) is loaded
+        "evaluate out dir": (["evaluate.py", "--out-dir", "text.txt"], "text.txt is a file, not a directory"),
     }
     monkeypatch.chdir(tmp_path)
     for name, ((script, *argv), words) in early.items():
-        own_dir = [] if script == "sample.py" else ["--out-dir", name]  # sample.py has none
+        own_dir = [] if script == "sample.py" or "--out-dir" in argv else ["--out-dir", name]  # sample.py has none
         code, err = run_cli(script, [*argv, *own_dir], monkeypatch, capsys)
         assert code == 2 and err.count("\n") == 1 and err.startswith("error: ") and words in err, (name, err)
         assert not (tmp_path / name).exists()
