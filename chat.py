@@ -71,9 +71,15 @@ class Conversation:
         return ids
 
 
+# control characters other than newline and tab, shown as \x1b and so on: a model's ESC sequences must not
+# move the cursor, clear the screen or retitle the user's terminal
+CONTROL_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7f, 0xa0)) if chr(c) not in "\n\t"}
+
+
 class Printer:
     """Prints a row's tokens as they arrive. Bytes are decoded incrementally, so a character split over
-    several tokens appears once complete; the template's leading space is not shown."""
+    several tokens appears once complete; the template's leading space is not shown, control characters
+    are escaped (CONTROL_ESCAPES)."""
 
     def __init__(self, tok):
         self.tok, self.ended, self.started = tok, False, False
@@ -88,7 +94,7 @@ class Printer:
         if not self.started:
             text = text.lstrip()
             self.started = bool(text)
-        print(text, end="", flush=True)
+        print(text.translate(CONTROL_ESCAPES), end="", flush=True)
 
 
 @torch.no_grad()
@@ -99,12 +105,13 @@ def answer(conv, prompt, cfg, generator):
     tokens = conv.model.generate(idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                                  top_p=cfg.top_p, eos_token_id=conv.tok.eot_token, pad_token_id=conv.tok.pad_token,
                                  generator=generator, streamer=printer)
-    print(printer.decoder.decode(b"", final=True), flush=True)
+    print(printer.decoder.decode(b"", final=True).translate(CONTROL_ESCAPES), flush=True)
     return decode_response(conv.tok, tokens[0, idx.size(1):].tolist())
 
 
 def main():
     cfg = parse_config(ChatConfig, join_repeated(sys.argv[1:], "--ckpt"))
+    sys.stdin.reconfigure(errors="replace")  # a stray non-UTF-8 byte becomes U+FFFD, not the end of the chat
     device = autodetect_device() if cfg.device == "auto" else cfg.device
     paths = [p for p in cfg.ckpt.split(",") if p]
     convs, generators = [], []

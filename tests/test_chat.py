@@ -1,11 +1,13 @@
 """chat.py driven through stdin: the streamed answers are exactly what non-streamed generation gives with the
-same seed, turn after turn, and end-of-input or Ctrl-C at the prompt leave cleanly."""
+same seed, turn after turn, with control characters escaped; a non-UTF-8 byte of input, end-of-input or
+Ctrl-C at the prompt leave cleanly."""
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -21,7 +23,9 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONIOE
 
 
 def chat(args, stdin, cwd):
-    out = subprocess.run([sys.executable, ROOT / "chat.py", *args], input=stdin.encode(), cwd=cwd, env=ENV,
+    """chat.py's stdout for stdin (text, or bytes as they are)."""
+    stdin = stdin if isinstance(stdin, bytes) else stdin.encode()
+    out = subprocess.run([sys.executable, ROOT / "chat.py", *args], input=stdin, cwd=cwd, env=ENV,
                          capture_output=True, timeout=120)
     assert out.returncode == 0, out.stderr.decode()
     assert b"Traceback" not in out.stderr
@@ -37,6 +41,12 @@ def write_tiny_policy(path):
         for param in model.parameters():
             param.normal_(0.0, 0.3)
     save_checkpoint(path, model, {}, tokenizer="byte")
+
+
+def escaped(text):
+    """text as chat.py shows it: control characters (Unicode category Cc) but newline and tab as \\x1b etc."""
+    return "".join(f"\\x{ord(c):02x}" if unicodedata.category(c) == "Cc" and c not in "\n\t" else c
+                   for c in text)
 
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -60,9 +70,19 @@ def test_streamed_chat_equals_generation_with_the_same_seed(tmp_path, history, d
         out = model.generate(idx, 16, temperature=0.9, top_k=50, eos_token_id=tok.eot_token,
                              pad_token_id=tok.pad_token, generator=generator)[0, idx.size(1):].tolist()
         text = tok.decode(out[:out.index(tok.eot_token)] if tok.eot_token in out else out)
-        expected.append(text.lstrip())  # the stream hides the template's leading space
+        expected.append(escaped(text.lstrip()))  # the stream hides the template's leading space
         transcript += " " + text.strip()
     assert stdout.endswith(f"> {expected[0]}\n> {expected[1]}\n> \n"), (stdout, expected)
+
+
+def test_non_utf8_input_does_not_end_the_chat_and_control_characters_are_escaped(tmp_path):
+    write_tiny_policy(tmp_path / "sft.pt")
+    stdout = chat(["--ckpt", "sft.pt", "--max-new-tokens", "64", "--device", "cpu", "--no-history"],
+                  b"caf\xe9?\nReverse the word stone.\n", tmp_path)  # \xe9: Latin-1, not UTF-8
+    assert stdout.endswith("\n> \n")  # both prompts answered, then end of input
+    answers = stdout.split("> ", 1)[1]
+    assert "\\x" in answers  # the random policy says control characters: they are shown escaped
+    assert not [c for c in answers if unicodedata.category(c) == "Cc" and c not in "\n\t"]
 
 
 def test_two_models_side_by_side(tmp_path):
