@@ -111,7 +111,6 @@ def answer(conv, prompt, cfg, generator):
 
 def main():
     cfg = parse_config(ChatConfig, join_repeated(sys.argv[1:], "--ckpt"))
-    sys.stdin.reconfigure(errors="replace")  # a stray non-UTF-8 byte becomes U+FFFD, not the end of the chat
     device = autodetect_device() if cfg.device == "auto" else cfg.device
     paths = [p for p in cfg.ckpt.split(",") if p]
     convs, generators = [], []
@@ -132,6 +131,7 @@ def main():
         import readline  # noqa: F401  (line editing and history for input(), where the platform has it)
     except ImportError:
         pass
+    sys.stdin.reconfigure(errors="replace")  # a stray non-UTF-8 byte becomes U+FFFD, not the end of the chat
     while True:
         try:
             prompt = input("> ").strip()
