@@ -26,10 +26,10 @@ processes split each one evenly), and gamma_ptx weighs a mean per token, not a s
 policy's EMA (paper 0.992) is optional and off: over train.sh's 40 iterations it would average in SFT.
 GRPO and RLOO keep this file's clipped surrogate, epochs and minibatches, and its KL penalty in the reward
 (as RLOO does; GRPO puts a k3 estimate of the KL in the loss instead) with kl_coef and ptx_coef as options;
-GRPO's loss is a mean per token here, not per response then per group. --rl-params norms (train.sh's setting
-on the built-in world, not the paper's) lets RL train only the policy's LayerNorm gains and biases, at a learning
-rate 100x the whole model's: with 64 episodes an iteration, that is the step that learns here (README, "Why RL
-barely moves a policy").
+GRPO's loss is a mean per token here, not per response then per group.
+--rl-params norms (train.sh's setting on the built-in world, not the paper's) lets RL train only the
+policy's LayerNorm gains and biases, at a learning rate 100x the whole model's: with 64 episodes an
+iteration, that is the step that learns here (README, "Why RL barely moves a policy").
 """
 import math
 import time
@@ -83,7 +83,7 @@ class PPOConfig(RunConfig):
     grad_clip: float = 1.0  # clip each model's gradient norm; 0 = off
     advantage: str = "gae"  # gae: a value model and GAE (PPO); grpo or rloo: a group baseline, no value model
     group_size: int = 4  # grpo / rloo: samples per prompt (G); each iteration has batch_size / G prompts
-    rl_params: str = "all"  # the policy's parameters RL trains: all, or norms (the LayerNorms' gains and biases)
+    rl_params: str = "all"  # the policy's parameters RL trains: all, or norms (LayerNorm gains, biases)
     ema_decay: float = 0.0  # EMA of the policy weights saved for evaluation (paper 0.992); 0 = off
     sample_interval: int = 10  # iterations between tables of sample responses
     save_interval: int = 20  # iterations between saves of the resumable training state to ckpt.pt; 0 = at the end only
@@ -99,8 +99,8 @@ class PPOConfig(RunConfig):
             raise ValueError(f"--batch-size {self.batch_size} is not a multiple of --minibatch-size "
                              f"{self.minibatch_size}")
         if self.total_episodes < self.batch_size:
-            raise ValueError(f"--total-episodes {self.total_episodes} is less than one iteration's --batch-size "
-                             f"{self.batch_size}: no iteration would run")
+            raise ValueError(f"--total-episodes {self.total_episodes} is less than one iteration's "
+                             f"--batch-size {self.batch_size}: no iteration would run")
         if self.kl_coef < 0 or self.ptx_coef < 0:
             raise ValueError("--kl-coef and --ptx-coef must be >= 0")
         if self.temperature <= 0:
@@ -461,7 +461,7 @@ def main():
     sample_gen = torch.Generator(device=d.device if d.device_type == "cuda" else "cpu").manual_seed(cfg.seed)
 
     # -- plumbing (skip on a first read): --resume, saves, Ctrl-C, non-finite steps; see reliability.py
-    # opened only now that inputs and models have loaded: a fresh run that fails before keeps the old log
+    # opened only now that inputs and models have loaded: a failed fresh start keeps the old log
     log = RunLog(cfg.out_dir, enabled=d.master, resume=cfg.resume)
     start = resume_training(resumed, cfg, n_iters, d, log, optimizers, [sample_gen]) if cfg.resume else 0
     if cfg.resume and kl_ctl is not None:  # where the adaptive kl_coef had got to

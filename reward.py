@@ -200,7 +200,7 @@ def main():
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), d.device_type)
 
     # -- plumbing (skip on a first read): --resume, periodic saves, Ctrl-C, non-finite steps; see reliability.py
-    # opened only now that inputs and models have loaded: a fresh run that fails before keeps the old log
+    # opened only now that inputs and models have loaded: a failed fresh start keeps the old log
     log = RunLog(cfg.out_dir, enabled=d.master, resume=cfg.resume)
     start = resume_training(ckpt, cfg, max_iters, d, log, [optimizer]) if cfg.resume else 0
 
