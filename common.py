@@ -9,6 +9,7 @@ import math
 import os
 import pickle
 import shutil
+import struct
 import sys
 import time
 import warnings
@@ -155,10 +156,34 @@ def set_seed(seed):
 
 
 # --- checkpoints: atomic writes, pickle-free loads ---------------------------------------------------------
+class _WriteErrors:
+    """A file object that keeps the first OSError of its writes: torch.save reports a failed write (disk
+    full) as a RuntimeError about zip offsets, and atomic_save raises the OSError itself instead."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self):
+        self.f.flush()
+
+
 def atomic_save(obj, path):
     """torch.save through data.formats.atomic_open: a crash mid-save leaves the previous file intact."""
     with atomic_open(path) as f:
-        torch.save(obj, f)
+        out = _WriteErrors(f)
+        try:
+            torch.save(obj, out)
+        except RuntimeError:
+            if out.error is None:
+                raise
+            raise out.error from None
 
 
 def atomic_copy(src, dst):
@@ -258,7 +283,18 @@ def load_model(init, head, dropout, kind=None):
     if init.endswith(".pt"):
         ckpt = load_checkpoint(init, kind)
         return ckpt["tokenizer"], model_from_checkpoint(ckpt, head=head, dropout=dropout), ckpt
-    return "gpt2", GPT.from_pretrained(init, head=head, dropout=dropout), None
+    tokenizer, meta = "gpt2", Path(init) / "instructgpt.json"
+    try:
+        if meta.is_file():  # a directory of export.py: its own tokenizer (the world's is not GPT-2's) and head
+            info = json.loads(meta.read_text(encoding="utf-8"))
+            tokenizer, exported = info["tokenizer"], info["model_config"]["head"]
+            if kind is not None and exported != kind:
+                raise ValueError(f"{init} is {HEADS.get(exported, exported)}, but {HEADS[kind]} is expected here")
+        return tokenizer, GPT.from_pretrained(init, head=head, dropout=dropout), None
+    except (KeyError, TypeError, AssertionError, RuntimeError, struct.error, UnicodeDecodeError,
+            json.JSONDecodeError) as e:  # a truncated or foreign file in the directory
+        raise ValueError(f"{init}: not a GPT-2 directory in the Hugging Face layout (config.json, model.safetensors) "
+                         f"that this project can read ({type(e).__name__}: {e})") from None
 
 
 def model_from_checkpoint(ckpt, head=None, dropout=None):

@@ -8,6 +8,7 @@ every script, data/ included, can use it.
 """
 import argparse
 import dataclasses
+import errno
 import inspect
 import os
 import re
@@ -98,6 +99,12 @@ def cli(main):
     except (FloatingPointError, ConnectionError) as e:  # diverged, or a download that failed
         print(f"error: {e}", file=sys.stderr)
         code = 1
+    except OSError as e:  # disk full, no permission, a device gone: the file and what to do, not a traceback
+        bad_path = e.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.EISDIR, errno.ENOTDIR)
+        advice = {errno.ENOSPC: "; free some space and run again (a training stage continues from its last "
+                                "save with --resume)", errno.EDQUOT: "; free some space and run again"}
+        print(f"error: {e.filename or ''}: {e.strerror or e}{advice.get(e.errno, '')}", file=sys.stderr)
+        code = 2 if bad_path else 1
     except KeyboardInterrupt:
         print("aborted by Ctrl-C: nothing saved since the last checkpoint", file=sys.stderr)
         code = 130

@@ -165,7 +165,7 @@ def normalise(model, tok, cfg, d, seq_len):
     model's targets then have a known size. Folded into the head: r' = (r - mean) / std."""
     stats, records = {}, load_sft(cfg.demo_data)
     demos = [e for r in records if (e := encode_example(tok, r["prompt"], r["response"], seq_len, stats))]
-    warn_counts(cfg.demo_data, stats, len(records))
+    warn_counts(cfg.demo_data, stats, len(records), max_len=seq_len)
     model.eval()
     with d.autocast():
         # score_responses takes (query, response) pairs: each demonstration split at its query's end

@@ -16,6 +16,7 @@ labelers rank K = 4..9 model outputs per prompt, section 3.5):
 Any JSONL with a "prompt" field serves as --prompts (prompts, rankings, demonstrations). On a GPU add
 --device cuda and a larger --batch-size. Loading, encoding, sampling and decoding are sampling.py's.
 """
+import os
 import random
 import sys
 from dataclasses import dataclass
@@ -45,6 +46,8 @@ class SampleConfig:
             raise ValueError("give either --prompts FILE or --prompt TEXT")
         if self.temperature < 0:
             raise ValueError(f"--temperature must be >= 0, got {self.temperature}")
+        if not any(self.ckpt.split(",")):
+            raise ValueError(f"--ckpt {self.ckpt!r} names no checkpoint")
 
 
 @dataclass
@@ -93,6 +96,8 @@ def compare(cfg):
 
 
 def collect(cfg):
+    if os.path.isdir(cfg.out):  # found before any sampling, not after it
+        raise ValueError(f"--out {cfg.out} is a directory; give a file name")
     device = autodetect_device() if cfg.device == "auto" else cfg.device
     prompts = load_prompts(cfg.prompts)
     prompts = prompts[:cfg.max_prompts] if cfg.max_prompts else prompts

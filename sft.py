@@ -125,7 +125,7 @@ def encode_demonstrations(path, tok, seq_len):
     """(ids, n_query) of each demonstration in the chat template, in at most seq_len + 1 tokens."""
     records, stats = load_sft(path), {}
     out = [e for r in records if (e := encode_example(tok, r["prompt"], r["response"], seq_len + 1, stats))]
-    warn_counts(path, stats, len(records))
+    warn_counts(path, stats, len(records), max_len=seq_len)
     return out
 
 

@@ -42,13 +42,17 @@ def encode_example(tok, prompt, response, max_len, stats):
 
 def encode_rankings(path, tok, seq_len):
     """Each ranked prompt of a rankings file as {"seqs": its K responses, each encoded with the prompt as (ids,
-    n_query) by encode_example, "ranking"}; a ranking with a response that does not fit is dropped (counted)."""
+    n_query) by encode_example, "ranking"}; a ranking with a response that does not fit is dropped. The
+    warning counts rankings (one with a cut prompt is truncated), not responses."""
     records, stats, out = load_rankings(path), {}, []
     for r in records:
-        seqs = [encode_example(tok, r["prompt"], resp, seq_len, stats) for resp in r["responses"]]
+        own = {}
+        seqs = [encode_example(tok, r["prompt"], resp, seq_len, own) for resp in r["responses"]]
+        for what in ("truncated", "dropped"):
+            stats[what] = stats.get(what, 0) + bool(own.get(what))
         if all(seqs):
             out.append({"seqs": seqs, "ranking": r["ranking"]})
-    warn_counts(path, stats, len(records))
+    warn_counts(path, stats, len(records), "rankings", seq_len)
     return out
 
 
@@ -60,11 +64,15 @@ def describe_rankings(prompts):
     return f"{len(prompts)} ranked prompts (K: {dict(sorted(ks.items()))})"
 
 
-def warn_counts(name, stats, total):
-    """Say how many examples were truncated or dropped: never silently."""
+def warn_counts(name, stats, total, unit="examples", max_len=None):
+    """Say how many examples (or rankings) were truncated or dropped: never silently. When every one was
+    dropped there is nothing to train on: a one-line error (ValueError) naming the file and max_len."""
+    if total and stats.get("dropped") == total:
+        raise ValueError(f"{name}: none of its {total} {unit} fits in a context of {max_len} tokens (--seq-len, "
+                         f"at most the model's block size)")
     for what in ("truncated", "dropped"):
         if stats.get(what):
-            print(f"warning: {name}: {stats[what]} of {total} examples {what} to fit the context", file=sys.stderr)
+            print(f"warning: {name}: {stats[what]} of {total} {unit} {what} to fit the context", file=sys.stderr)
 
 
 def pad_right(seqs, pad_value):

@@ -352,6 +352,8 @@ def atomic_open(path):
     when the block ends (atomic on POSIX and NTFS); on any error, or Ctrl-C, it is removed and path is left
     as it was. Every writer of the project (data files, checkpoints, downloads) goes through here."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; give a file name")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp")
     try:
@@ -361,6 +363,11 @@ def atomic_open(path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # disk full, a device gone: name the file written (a failed write names none)
+        Path(tmp).unlink(missing_ok=True)
+        if e.errno is None or e.filename is not None:
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from e
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -29,6 +29,7 @@ from data.formats import DataError, load_prompts, load_rankings, load_samples, l
 from data.tokenizer import get_tokenizer
 from model import GPT, GPTConfig
 from test_stages import TINY_MODEL, write_tiny_data
+from weights import read_safetensors, write_safetensors
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -170,7 +171,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, stage):
     if stage == "sft":
         assert "1 of 34 examples truncated" in err and "1 of 34 examples dropped" in err
     else:
-        assert "1 of 17 examples dropped" in err
+        assert "1 of 17 rankings dropped" in err
     assert metrics(tmp_path / "parts" / "metrics.jsonl", "loss") == \
         pytest.approx(metrics(tmp_path / "whole" / "metrics.jsonl", "loss"), rel=1e-6)
     assert_same_weights(load_checkpoint(tmp_path / "whole" / "ckpt.pt")["model"],
@@ -500,6 +501,104 @@ def test_bad_checkpoints_are_one_line_and_exit_code_2(tmp_path, monkeypatch, cap
         assert exit_code == 2 and err.count("\n") == 1 and err.startswith("error: ") and words in err, (script, err)
         assert "weights_only" not in err
     assert not (tmp_path / "PWNED").exists()
+
+
+def test_inputs_found_bad_after_loading_are_one_line(tmp_path, monkeypatch, capsys):
+    """Data with nothing that fits the context, corrupt Hugging Face directories, and output paths that are
+    directories: each one line naming the file, exit code 2, no traceback."""
+    monkeypatch.chdir(tmp_path)
+    write_tiny_data(tmp_path)
+    write_tiny_policy_and_rm(tmp_path)
+    long = "y" * 300  # longer than sft.pt's 64-token context
+    (tmp_path / "long_sft.jsonl").write_text(json.dumps({"prompt": "p", "response": long}) + "\n")
+    (tmp_path / "long_rank.jsonl").write_text(
+        json.dumps({"prompt": "p", "responses": ["ok", long], "ranking": [0, 1]}) + "\n")
+    export_dir = tmp_path / "exported"
+    assert run_cli("export.py", ["--ckpt", "sft.pt", "--out", export_dir], monkeypatch, capsys)[0] == 0
+    for name in ("bad_json", "cut_weights", "wrong_shape"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_bytes((export_dir / "config.json").read_bytes())
+    (tmp_path / "bad_json" / "config.json").write_text('{"n_positions": 64')
+    (tmp_path / "cut_weights" / "model.safetensors").write_bytes((export_dir / "model.safetensors").read_bytes()[:200])
+    tensors = read_safetensors(export_dir / "model.safetensors")
+    write_safetensors(tmp_path / "wrong_shape" / "model.safetensors", {k: v[:1] for k, v in tensors.items()})
+    (tmp_path / "empty").mkdir()
+    not_hf = "not a GPT-2 directory in the Hugging Face layout"
+    cases = [  # script, arguments, words the message must contain
+        ("sft.py", ["--init", "sft.pt", "--sft-data", "long_sft.jsonl"],
+         "long_sft.jsonl: none of its 1 examples fits in a context of 64 tokens"),
+        ("reward.py", ["--init", "sft.pt", "--data", "long_rank.jsonl"],
+         "long_rank.jsonl: none of its 1 rankings fits in a context of 64 tokens"),
+        ("dpo.py", ["--sft", "sft.pt", "--data", "long_rank.jsonl"], "long_rank.jsonl: none of its 1 rankings"),
+        ("sample.py", ["--ckpt", "bad_json", "--prompt", "hi", "--max-new-tokens", "8"], f"bad_json: {not_hf}"),
+        ("sft.py", ["--init", "cut_weights", "--text-data", "text.txt"], f"cut_weights: {not_hf}"),
+        ("reward.py", ["--init", "wrong_shape", "--data", "rank.jsonl"], f"wrong_shape: {not_hf}"),
+        ("sample.py", ["collect", "--ckpt", "sft.pt", "--prompts", "prompts.jsonl", "--out", "."],
+         "--out . is a directory; give a file name"),
+        ("sample.py", ["--ckpt", ",", "--prompt", "hi"], "--ckpt ',' names no checkpoint"),
+    ]
+    for script, argv, words in cases:
+        out = [] if script in ("sample.py", "export.py") else ["--out-dir", f"out_{len(os.listdir())}"]
+        exit_code, err = run_cli(script, [*argv, *out], monkeypatch, capsys)
+        assert exit_code == 2 and err.count("\n") == 1 and err.startswith("error: ") and words in err, (script, err)
+    monkeypatch.chdir(tmp_path / "empty")  # the export replaces --out by a rename: never the directory one is in
+    exit_code, err = run_cli("export.py", ["--ckpt", "../sft.pt", "--out", "."], monkeypatch, capsys)
+    assert exit_code == 2 and "--out . is the current directory" in err and not os.listdir(), err
+
+
+def test_an_export_loads_back_with_its_own_tokenizer(tmp_path, monkeypatch, capsys):
+    """export.py's directory as --init / --ckpt: the world's byte tokenizer, not GPT-2's (whose ids would
+    index past the byte model's 258-row embedding), and the same weights."""
+    from common import load_model
+    monkeypatch.chdir(tmp_path)
+    write_tiny_policy_and_rm(tmp_path)
+    assert run_cli("export.py", ["--ckpt", "sft.pt", "--out", "exported"], monkeypatch, capsys)[0] == 0
+    tokenizer, model, _ = load_model("exported", "lm", 0.0, kind="lm")
+    assert tokenizer == "byte"
+    assert_same_weights(model.state_dict(), load_checkpoint(tmp_path / "sft.pt")["model"])
+    with pytest.raises(ValueError, match="is a policy .* but a reward"):
+        load_model("exported", "scalar", 0.0, kind="scalar")
+    exit_code, err = run_cli("sample.py", ["--ckpt", "exported", "--prompt", "hi", "--max-new-tokens", "4",
+                                           "--device", "cpu"], monkeypatch, capsys)
+    assert exit_code == 0, err
+
+
+def test_disk_full_during_a_save_is_one_line_and_leaves_no_partial_file(tmp_path, monkeypatch, capsys):
+    """A write that fails (ENOSPC) inside torch.save surfaces as torch's RuntimeError about zip offsets;
+    the project reports the file and what to do, exit code 1, and leaves neither a checkpoint nor a temporary
+    file behind."""
+    import errno
+    import data.formats
+    real_fdopen = os.fdopen
+
+    class Full:  # a disk with 1000 bytes free
+        def __init__(self, f):
+            self.f, self.written = f, 0
+
+        def write(self, b):
+            if self.written + len(b) > 1000:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.written += len(b)
+            return self.f.write(b)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(data.formats.os, "fdopen", lambda fd, mode: Full(real_fdopen(fd, mode)))
+    monkeypatch.chdir(tmp_path)
+    write_tiny_data(tmp_path)
+    exit_code, err = run_cli("sft.py", ["--text-data", "text.txt", "--out-dir", "run", "--max-iters", "1",
+                                        *TINY_MODEL], monkeypatch, capsys)
+    assert exit_code == 1 and err.splitlines()[-1] == (
+        "error: run/ckpt.pt: No space left on device; free some space and run again (a training stage continues "
+        "from its last save with --resume)"), err
+    assert sorted(os.listdir("run")) == [".lock", "metrics.jsonl"]
 
 
 def test_training_state_loads_without_pickle(tmp_path):
