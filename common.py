@@ -269,7 +269,8 @@ def check_max_new_tokens(ckpt, max_new_tokens, path):
     longest = ckpt.get("max_response_tokens", 0) if ckpt else 0
     if max_new_tokens < longest:
         raise ValueError(f"--max-new-tokens {max_new_tokens} is shorter than the longest demonstration {path} "
-                         f"learnt ({longest} tokens with its end-of-text); raise it to at least {longest}")
+                         f"learnt ({longest} tokens with its end-of-text); raise it to at least {longest}, or "
+                         f"drop longer demonstrations in SFT (sft.py --max-response-tokens)")
     block_size = ckpt["model_config"]["block_size"] if ckpt else max_new_tokens + 1
     if max_new_tokens >= block_size:
         raise ValueError(f"--max-new-tokens {max_new_tokens} leaves no room for the prompt in the context of {path} "

@@ -16,13 +16,15 @@ Deviations from the paper: tiny models and few epochs on the built-in world; the
 last one, not the one with the best RM score on a validation set (the paper selects by RM score).
 """
 import math
+import sys
 import time
 from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
-from common import Dist, RunConfig, RunLog, cosine_lr, load_model, prepare_model, save_checkpoint, set_seed
+from common import (Dist, RunConfig, RunLog, check_ranges, cosine_lr, load_model, prepare_model,
+                    save_checkpoint, set_seed)
 from config import cli, parse_config
 from data.batches import encode_example, pad_right, shuffled_indices, text_windows, val_windows, warn_counts
 from data.formats import load_sft, load_text
@@ -46,6 +48,9 @@ class SFTConfig(RunConfig):
     n_head: int = 4  # scratch model: attention heads
     n_embd: int = 128  # scratch model: width
     seq_len: int = 256  # longest training sequence (pretraining: the length of each text window)
+    # drop demonstrations whose response (with its end-of-text) is longer: PPO, evaluation and
+    # sampling then let the policy finish each answer it learnt in --max-new-tokens; 0 = keep all
+    max_response_tokens: int = 0
     block_size: int = 0  # scratch model: context length; 0 = --seq-len
     dropout: float = 0.0  # residual/attention dropout (the paper's SFT used 0.2)
     epochs: float = 1.0  # passes over the SFT data (over the text, when pretraining); the paper used 16
@@ -67,6 +72,7 @@ class SFTConfig(RunConfig):
         super().__post_init__()  # the shared settings' ranges (common.RunConfig)
         if not self.sft_data and not self.text_data:
             raise ValueError("give --sft-data (demonstrations) and/or --text-data (pretraining text)")
+        check_ranges(self, (), ("max_response_tokens",))
         if not 0.0 <= self.ptx_fraction < 1.0:
             raise ValueError(f"--ptx-fraction must be in [0, 1), got {self.ptx_fraction}")
         if self.batch_size % self.micro_batch_size:
@@ -121,11 +127,23 @@ def collate(batch, device):
     return x.to(device), y.to(device), mask.to(device)
 
 
-def encode_demonstrations(path, tok, seq_len):
-    """(ids, n_query) of each demonstration in the chat template, in at most seq_len + 1 tokens."""
+def encode_demonstrations(path, tok, seq_len, max_response_tokens=0):
+    """(ids, n_query) of each demonstration in the chat template, in at most seq_len + 1 tokens, and
+    with a response of at most max_response_tokens (when > 0; others are dropped, warned)."""
     records, stats = load_sft(path), {}
     out = [e for r in records if (e := encode_example(tok, r["prompt"], r["response"], seq_len + 1, stats))]
     warn_counts(path, stats, len(records), max_len=seq_len)
+    if max_response_tokens:
+        kept = [(ids, n) for ids, n in out if len(ids) - n <= max_response_tokens]
+        if len(kept) < len(out):
+            cut = len(out) - len(kept)
+            share = f"{cut} of {len(records)} demonstrations ({cut / len(records):.0%})"
+            print(f"warning: {path}: {share} dropped: their response is longer than "
+                  f"--max-response-tokens {max_response_tokens}", file=sys.stderr)
+        if not kept:
+            raise ValueError(f"{path}: no demonstration's response fits in --max-response-tokens "
+                             f"{max_response_tokens}")
+        out = kept
     return out
 
 
@@ -195,8 +213,9 @@ def main():
               f"device {d.device}, {d.world_size} process(es)")
 
     # -- data: demonstrations (loss on the response) and/or pretraining text (loss on every token)
-    train_sft = encode_demonstrations(cfg.sft_data, tok, seq_len) if cfg.sft_data else []
-    val_sft = encode_demonstrations(cfg.val_sft_data, tok, seq_len) if cfg.val_sft_data else []
+    def demonstrations(path):
+        return encode_demonstrations(path, tok, seq_len, cfg.max_response_tokens) if path else []
+    train_sft, val_sft = demonstrations(cfg.sft_data), demonstrations(cfg.val_sft_data)
     text = torch.tensor(tok.encode(load_text(cfg.text_data))) if cfg.text_data else None
     val_text = val_windows(torch.tensor(tok.encode(load_text(cfg.val_text_data))), seq_len,
                            cfg.eval_batches * cfg.micro_batch_size) if cfg.val_text_data else []

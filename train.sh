@@ -78,14 +78,19 @@ if [[ $MODE == hh ]]; then
   # Extra stage arguments as above (SFT_ARGS, RM_ARGS, PPO_ARGS; e.g. PPO_ARGS="--compile").
   MODEL=${MODEL:-gpt2}
   H=$RUNS/hh
+  # SFT keeps the demonstrations whose response fits in PPO's and evaluation's --max-new-tokens (the share
+  # dropped is printed): HH's answers run to hundreds of tokens, and a policy taught longer answers than it
+  # may sample would be cut off mid-sentence, every such answer scored as unended
   if [[ $QUICK == 1 ]]; then  # a tiny model on a few hundred pairs: checks the plumbing on a CPU
-    HH=(--max-examples 400); SFT=(--max-iters 4 --batch-size 8 --micro-batch-size 4 --seq-len 96)
+    HH=(--max-examples 400); SFT=(--max-iters 4 --batch-size 8 --micro-batch-size 4 --seq-len 96
+                                  --max-response-tokens 16)
     RM=(--max-iters 4 --batch-size 8 --micro-batch-size 4 --seq-len 96)
     PPO=(--total-episodes 16 --batch-size 8 --minibatch-size 4 --ppo-epochs 1 --max-new-tokens 16
          --ptx-seq-len 32 --ptx-batch-size 4 --sample-interval 1000)
     EVAL=(--max-prompts 8 --max-new-tokens 16 --best-of 2 --batch-size 8); SIDE=(--n 2 --max-new-tokens 16)
   else
-    HH=(); SFT=(--epochs 1 --batch-size 64 --micro-batch-size 16 --lr 2e-5 --warmup-iters 50 --seq-len 512)
+    HH=(); SFT=(--epochs 1 --batch-size 64 --micro-batch-size 16 --lr 2e-5 --warmup-iters 50 --seq-len 512
+                --max-response-tokens 128)
     RM=(--epochs 1 --batch-size 64 --micro-batch-size 16 --lr 1e-5 --seq-len 512)
     PPO=(--total-episodes 32768 --batch-size 64 --minibatch-size 16 --ppo-epochs 2 --max-new-tokens 128
          --lr 2e-6 --vf-lr 1e-5 --kl-coef 0.05 --ptx-seq-len 256 --sample-interval 20)

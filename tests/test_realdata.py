@@ -2,6 +2,7 @@
 import gzip
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -144,9 +145,22 @@ def test_text_corpus_split_at_a_line_and_download(tmp_path, monkeypatch):
     assert (tmp_path / "dl" / "pretrain.txt").read_text() == train
 
 
-def test_hh_pipeline_end_to_end_with_a_tiny_gpt2(hh_clone, tmp_path):
+def long_hh_line(i):
+    """A pair with an HH-length chosen answer for i % 3 == 0 (about 30 to 200 tokens), short otherwise."""
+    line = hh_line(i)
+    if i % 3 == 0:
+        line["chosen"] += " Here is some more detail on that." * (5 + i % 30)
+    return line
+
+
+def test_hh_pipeline_end_to_end_with_a_tiny_gpt2(tmp_path):
     """QUICK=1 bash train.sh hh: GPT-2-layout weights (tiny, random) -> SFT on HH -> RM -> PPO-ptx -> an
-    RM-judged report and a side-by-side table, through the real command lines, all offline."""
+    RM-judged report and a side-by-side table, through the real command lines, all offline. A third of the
+    answers are longer than the QUICK run's 16-token --max-new-tokens, as real HH answers are longer than
+    the full run's 128: SFT drops them (saying how many), and PPO runs instead of refusing the budget."""
+    hh_clone = tmp_path / "hh-rlhf"
+    write_gz(hh_clone / "helpful-base" / "train.jsonl.gz", [long_hh_line(i) for i in range(600)])
+    write_gz(hh_clone / "helpful-base" / "test.jsonl.gz", [long_hh_line(i) for i in range(600, 700)])
     torch.manual_seed(0)
     write_hf_dir(tmp_path / "tiny-gpt2", GPT(GPTConfig(block_size=128, vocab_size=50257, n_layer=1, n_head=2, n_embd=16)))
     (tmp_path / "corpus.txt").write_text("The cat sat on the mat. It was a sunny day.\n" * 200)
@@ -155,6 +169,8 @@ def test_hh_pipeline_end_to_end_with_a_tiny_gpt2(hh_clone, tmp_path):
            "PYTHON": sys.executable}
     res = subprocess.run(["bash", str(ROOT / "train.sh"), "hh"], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert re.search(r"sft_train.jsonl: \d+ of \d+ demonstrations \(\d+%\) dropped: their response is longer "
+                     r"than --max-response-tokens 16", res.stderr), res.stderr[-3000:]
     report = json.loads((tmp_path / "runs" / "hh" / "eval" / "report.json").read_text())
     assert set(report["models"]) == {"base", "sft_greedy", "sft", "ppo_ptx", "best_of_n"}
     assert report["config"]["judge"] == "rm" and report["models"]["ppo_ptx"]["gold_score"] is None
