@@ -66,6 +66,7 @@ without one (HH-RLHF), --judge rm compares RM scores instead, gold scores, accur
 baselines are left out; best_of_n then wins by construction, as the judge is the RM that picked it.
 Everything runs in fp32: the KL is a difference of two large log-probabilities, and bf16 would add noise.
 """
+import hashlib
 import json
 import math
 import random
@@ -381,6 +382,21 @@ def _ci(value, ci, fmt=".3f"):
     return "-" if value is None else f"{value:{fmt}} [{ci[0]:{fmt}}, {ci[1]:{fmt}}]"
 
 
+def checkpoint_ids(cfg):
+    """{name: {"path", "sha256"}} of every checkpoint file evaluated: which models the report is of,
+    even after the files at those paths are replaced."""
+    out = {}
+    for name in ("base", "sft", "rm", *POLICIES):
+        path = getattr(cfg, name, None)
+        if path and Path(path).is_file():
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            out[name] = {"path": path, "sha256": digest.hexdigest()}
+    return out
+
+
 def markdown_table(report):
     models = report["models"]
     lines = ["| model | win rate vs SFT [95% CI] | gold score [95% CI] | accuracy [95% CI] | RM score | KL vs SFT "
@@ -582,7 +598,8 @@ def main():
         runs["best_of_n"] = run_best_of_n(sft, rm, queries, tok, cfg)  # the SFT model's weights
 
     # -- judge and report
-    report = {"models": {}, "seconds": {}, "n_prompts": len(prompts), "config": asdict(cfg)}
+    report = {"models": {}, "seconds": {}, "n_prompts": len(prompts), "config": asdict(cfg),
+              "checkpoints": checkpoint_ids(cfg)}
     per_prompt = [{"prompt": p, "responses": {}} for p in prompts]
     for name in (n for n in MODELS if n in runs):
         entry, rows = summarise(runs[name], runs["sft"], prompts, tok, cfg)
@@ -601,7 +618,10 @@ def main():
     report["total_seconds"] = round(time.time() - t_start, 3)
     write_text(out_dir / "report.json", json.dumps(report, indent=2) + "\n")
     table = markdown_table(report)
-    write_text(out_dir / "report.md", f"# Evaluation on {len(prompts)} held-out prompts ({cfg.prompts})\n\n{table}")
+    evaluated = "; ".join(f"{name} `{c['path']}` (sha256 {c['sha256'][:12]})"
+                          for name, c in report["checkpoints"].items())
+    title = f"# Evaluation on {len(prompts)} held-out prompts ({cfg.prompts})"
+    write_text(out_dir / "report.md", f"{title}\n\n{table}\nCheckpoints: {evaluated}\n")
     write_jsonl(out_dir / "samples.jsonl", per_prompt)
     chart = plot_win_rates(report, out_dir)
     print(f"wrote {out_dir / 'report.json'}, report.md, samples.jsonl and {chart.name} "

@@ -5,7 +5,8 @@
 #
 #   bash train.sh              # the full run (minutes on a laptop CPU)
 #   QUICK=1 bash train.sh      # everything tiny, in about a minute (what the tests run)
-#   FORCE=1 bash train.sh      # redo stages whose checkpoints already exist
+#   FORCE=1 bash train.sh      # redo stages whose checkpoints already exist (FORCE=sft: that stage, then the
+#                              # stages made from its output, as for any stage whose input files changed)
 #   RUNS=/tmp/r SEED=1 bash train.sh
 #   bash train.sh hh           # real data: GPT-2 on Anthropic's HH-RLHF, on a GPU (see "Real data" in README)
 #   bash train.sh seeds        # the world pipeline for seeds 0 1 2 (or SEEDS="..."), then mean and spread
@@ -17,7 +18,8 @@
 #                              # proxy RM trained on 1/8 of the rankings, and best-of-n, each judged by the gold
 #                              # judge along the way (experiments/overoptimisation.py; about 20 minutes after the RM)
 #
-# Each stage is skipped when its output exists and is finished (unless FORCE=1); an interrupted stage
+# Each stage is skipped when its output exists, is finished and was made from the input files it would read now
+# (their checksums are in OUTPUT.inputs; unless FORCE); an interrupted stage
 # is rerun from the start (or continue it by hand with its script's --resume). Extra arguments for a stage can be
 # given in PRETRAIN_ARGS (e.g. a larger model: "--n-layer 8 --n-embd 256"), SFT_ARGS, RM_ARGS, DPO_ARGS and
 # PPO_ARGS (every ppo.py stage, e.g. PPO_ARGS="--device cuda").
@@ -58,15 +60,32 @@ finished() {  # a checkpoint that loads and whose run did all its steps (common.
   $PY -c "import sys, common; sys.exit(0 if common.stage_finished(sys.argv[1]) else 1)" "$1"
 }
 
-stage() {  # stage NAME OUTPUT COMMAND...: run COMMAND unless OUTPUT exists; report its time
+inputs() {  # inputs OUTPUT COMMAND...: the checksums (cksum: CRC, size, path) of the files COMMAND reads: its
+  # arguments that are files, other than its scripts and OUTPUT
+  local out=$1 a files=(); shift
+  for a in "$@"; do
+    if [[ -f $a && $a != *.py && $a != "$out" ]]; then files+=("$a"); fi
+  done
+  if (( ${#files[@]} )); then cksum "${files[@]}"; fi
+}
+
+stage() {  # stage NAME OUTPUT COMMAND...: run COMMAND unless OUTPUT exists, is finished and was made from the
+  # input files it would read now (OUTPUT.inputs records their checksums); report its time. FORCE=1 reruns
+  # every stage, FORCE="sft ppo" the stages of those names (and, as their outputs change, those downstream)
   local name=$1 out=$2; shift 2
-  if [[ -e $out && $FORCE != 1 ]] && finished "$out"; then echo "== $name: $out exists, skipped"; return; fi
+  local now; now=$(inputs "$out" "$@")
+  if [[ -e $out && $FORCE != 1 && " $FORCE " != *" $name "* ]] && finished "$out"; then
+    if [[ ! -e $out.inputs || $(cat "$out.inputs") == "$now" ]]; then echo "== $name: $out exists, skipped"; return; fi
+    local changed; changed=$({ diff "$out.inputs" <(echo "$now") || true; } | sed -n 's/^> [0-9]* [0-9]* //p' | xargs)
+    echo "== $name: rerun: ${changed:-its inputs} changed since $out was made"
+  fi
   # a training stage refuses to start afresh over an unfinished run (it could be resumed); rerunning it from
   # the start is what this script does, so it says so
   if [[ $out == *.pt && -e $out ]]; then set -- "$@" --overwrite; fi
   echo "== $name"
   local t0=$(date +%s)
   "$@"
+  echo "$now" > "$out.inputs"
   echo "== $name done in $(( $(date +%s) - t0 ))s"
 }
 

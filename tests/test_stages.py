@@ -1,8 +1,10 @@
 """Stages 0-2: the RM's K-wise loss, SFT's loss mask, and the scripts end to end (torchrun: test_ddp.py)."""
+import hashlib
 import itertools
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -169,3 +171,20 @@ def test_quick_pipeline_end_to_end(tmp_path):
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert list(report["models"]) == [m for m in MODELS if m != "base_prompted"]
     assert all(report["models"][a]["train_seconds"] > 0 for a in algos)
+    # SFT again (FORCE=sft; a new seed, so a new model): every stage made from it reruns (without ALGOS: not
+    # the alternatives), the world and pretraining do not; the report names the checkpoints it evaluated
+    forced = subprocess.run(["bash", str(ROOT / "train.sh")], env={**env, "FORCE": "sft", "SFT_ARGS": "--seed 5"},
+                            capture_output=True, text=True, timeout=600)
+    assert forced.returncode == 0, forced.stdout[-2000:] + forced.stderr[-2000:]
+    skipped = re.findall(r"^== (.+?): \S+ exists, skipped$", forced.stdout, re.M)
+    rerun = re.findall(r"^== (.+?): rerun: (.+) changed since", forced.stdout, re.M)
+    assert skipped == ["world", "pretrain"], forced.stdout
+    assert {name for name, _ in rerun} == {f"{step} ({split})" for step in ("collect SFT samples", "labelers rank")
+                                           for split in ("train", "val")} | {
+        "reward model", "ppo", "ppo-ptx", "ppo-gold", "evaluate"}, forced.stdout
+    assert dict(rerun)["reward model"].split() == [f"{tmp_path}/sft/ckpt.pt", f"{tmp_path}/rankings/rm_train.jsonl",
+                                                  f"{tmp_path}/rankings/rankings_val.jsonl"]
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    sha = hashlib.sha256((tmp_path / "sft" / "ckpt.pt").read_bytes()).hexdigest()
+    assert report["checkpoints"]["sft"] == {"path": f"{tmp_path}/sft/ckpt.pt", "sha256": sha}
+    assert set(report["checkpoints"]) == {"base", "sft", "rm", "ppo", "ppo_ptx", "ppo_gold"}  # no ALGOS this time
