@@ -536,6 +536,8 @@ def test_inputs_found_bad_after_loading_are_one_line(tmp_path, monkeypatch, caps
         ("sample.py", ["collect", "--ckpt", "sft.pt", "--prompts", "prompts.jsonl", "--out", "."],
          "--out . is a directory; give a file name"),
         ("sample.py", ["--ckpt", ",", "--prompt", "hi"], "--ckpt ',' names no checkpoint"),
+        ("sample.py", ["--ckpt", "exported", "--prompt", "hi", "--max-new-tokens", "100"],
+         "--max-new-tokens 100 leaves no room for the prompt in the context of exported (64 tokens)"),
     ]
     for script, argv, words in cases:
         out = [] if script in ("sample.py", "export.py") else ["--out-dir", f"out_{len(os.listdir())}"]
