@@ -567,7 +567,7 @@ def test_an_export_loads_back_with_its_own_tokenizer(tmp_path, monkeypatch, caps
 
 def test_disk_full_during_a_save_is_one_line_and_leaves_no_partial_file(tmp_path, monkeypatch, capsys):
     """A write that fails (ENOSPC) inside torch.save surfaces as torch's RuntimeError about zip offsets;
-    the project reports the file and what to do, exit code 1, and leaves neither a checkpoint nor a temporary
+    the project reports the file and what to do, exit code 2, and leaves neither a checkpoint nor a temporary
     file behind."""
     import errno
     import data.formats
@@ -597,7 +597,7 @@ def test_disk_full_during_a_save_is_one_line_and_leaves_no_partial_file(tmp_path
     write_tiny_data(tmp_path)
     exit_code, err = run_cli("sft.py", ["--text-data", "text.txt", "--out-dir", "run", "--max-iters", "1",
                                         *TINY_MODEL], monkeypatch, capsys)
-    assert exit_code == 1 and err.splitlines()[-1] == (
+    assert exit_code == 2 and err.splitlines()[-1] == (
         "error: run/ckpt.pt: No space left on device; free some space and run again (a training stage continues "
         "from its last save with --resume)"), err
     assert sorted(os.listdir("run")) == [".lock", "metrics.jsonl"]
