@@ -277,13 +277,13 @@ def check_max_new_tokens(ckpt, max_new_tokens, path):
                          f"({block_size} tokens); lower it")
 
 
-def load_model(init, head, dropout, kind=None):
+def load_model(init, head, dropout, kind=None, score_logprob=False):
     """(tokenizer name, model, checkpoint or None) from a checkpoint of this project (*.pt; of the head
     `kind`, when given) or GPT-2 weights (a name such as gpt2, or a Hugging Face directory), with the given
     head."""
     if init.endswith(".pt"):
         ckpt = load_checkpoint(init, kind)
-        return ckpt["tokenizer"], model_from_checkpoint(ckpt, head=head, dropout=dropout), ckpt
+        return ckpt["tokenizer"], model_from_checkpoint(ckpt, head, dropout, score_logprob), ckpt
     tokenizer, meta = "gpt2", Path(init) / "instructgpt.json"
     try:
         if meta.is_file():  # a directory of export.py: its own tokenizer (the world's is not GPT-2's) and head
@@ -291,19 +291,21 @@ def load_model(init, head, dropout, kind=None):
             tokenizer, exported = info["tokenizer"], info["model_config"]["head"]
             if kind is not None and exported != kind:
                 raise ValueError(f"{init} is {HEADS.get(exported, exported)}, but {HEADS[kind]} is expected here")
-        return tokenizer, GPT.from_pretrained(init, head=head, dropout=dropout), None
+        return tokenizer, GPT.from_pretrained(init, head, dropout, score_logprob), None
     except (KeyError, TypeError, AssertionError, RuntimeError, struct.error, UnicodeDecodeError,
             json.JSONDecodeError) as e:  # a truncated or foreign file in the directory
         raise ValueError(f"{init}: not a GPT-2 directory in the Hugging Face layout (config.json, model.safetensors) "
                          f"that this project can read ({type(e).__name__}: {e})") from None
 
 
-def model_from_checkpoint(ckpt, head=None, dropout=None):
+def model_from_checkpoint(ckpt, head=None, dropout=None, score_logprob=False):
     """Build a GPT from a checkpoint dict. head="scalar" on an LM checkpoint gives a reward/value model
-    with the LM's trunk and a fresh scalar head (the paper's RM init)."""
+    with the LM's trunk and a fresh scalar head (the paper's RM init); with score_logprob, an RM that keeps
+    the LM head too (model.response_score). A head given drops the checkpoint's score_logprob unless asked:
+    the value model starts from the RM's trunk and scalar head only."""
     cfg = dict(ckpt["model_config"])
     if head is not None:
-        cfg["head"] = head
+        cfg["head"], cfg["score_logprob"] = head, score_logprob
     if dropout is not None:
         cfg["dropout"] = dropout
     model = GPT(GPTConfig(**cfg))

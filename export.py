@@ -204,6 +204,9 @@ def main(argv=None):
             raise ValueError(f"--value-model: {cfg.ckpt} holds no value model (only ppo.py's checkpoints do)")
         ckpt = {**ckpt, "model": ckpt["value_model"], "model_config": ckpt["value_model_config"]}
     model = model_from_checkpoint(ckpt).eval()
+    if model.config.score_logprob:
+        raise ValueError(f"{cfg.ckpt}: an RM that counts the response's log-prob (reward.py --score-logprob) has "
+                         "no Hugging Face layout; export the policies it trained instead")
     c, tokenizer = model.config, ckpt["tokenizer"]
     eot, pad = special_ids(tokenizer)
     lm = c.head == "lm"

@@ -32,6 +32,7 @@ class GPTConfig:
     dropout: float = 0.0  # the paper's SFT used residual dropout 0.2
     bias: bool = True  # biases in Linear and LayerNorm, as GPT-2
     head: str = "lm"  # "lm": next-token logits; "scalar": one number per position (reward / value model)
+    score_logprob: bool = False  # scalar head: r also counts the response's mean log-prob (reward.py)
 
 
 # exercise: attention
@@ -124,6 +125,22 @@ def logprobs_from_logits(logits, tokens):
     return torch.gather(logp, -1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
+def response_score(model, values, logits, idx, first, last):
+    """The RM's score of each row from its forward pass: the value at the last token, and with
+    score_logprob (a deviation: the paper reads the last token only) g times the mean log-probability of
+    the response tokens idx[first..last] under the RM's own language-model head, which starts as SFT's:
+        r(x, y) = v_last + g * 1/|y| sum_t log p(y_t | x, y_<t)
+    `model` may be DDP-wrapped (values, logits from its forward). first, last (B,) -> (B,)."""
+    rows = torch.arange(idx.size(0), device=idx.device)
+    if logits is None:
+        return values[rows, last]
+    logp = logprobs_from_logits(logits[:, :-1], idx[:, 1:])  # (B, T - 1): position t predicts token t + 1
+    pos = torch.arange(logp.size(1), device=idx.device).unsqueeze(0)
+    in_response = (pos >= first.unsqueeze(1) - 1) & (pos < last.unsqueeze(1))
+    mean_logp = (logp * in_response).sum(1) / in_response.sum(1).clamp(min=1)
+    return values[rows, last] + getattr(model, "module", model).logprob_gain * mean_logp
+
+
 def forward_response(model, seq, attention_mask, n_query, temperature):
     """Per response token, from one forward pass: log-probs under `model` and logits (position n_query-1+t
     predicts response token t). `model` may be DDP-wrapped, hence a function and not a method."""
@@ -150,11 +167,13 @@ class GPT(nn.Module):
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
-        if config.head == "lm":
+        if config.head == "lm" or config.score_logprob:
             self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
             self.transformer.wte.weight = self.lm_head.weight  # weight tying, as GPT-2
-        else:
+        if config.head == "scalar":
             self.score_head = nn.Linear(config.n_embd, 1)  # the paper's RM: unembedding -> a scalar
+        if config.score_logprob:
+            self.logprob_gain = nn.Parameter(torch.ones(()))  # g of response_score
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by 1/sqrt(2 * n_layer)
             if name.endswith("c_proj.weight"):
@@ -205,8 +224,8 @@ class GPT(nn.Module):
             else:
                 x = block(x, mask_bias, kv_caches[i] if kv_caches is not None else None)
         x = self.transformer.ln_f(x)
-        if self.config.head == "scalar":
-            return self.score_head(x).squeeze(-1), None  # (B, T)
+        if self.config.head == "scalar":  # (B, T) values; the logits too for an RM with score_logprob
+            return self.score_head(x).squeeze(-1), self.lm_head(x) if self.config.score_logprob else None
         logits = self.lm_head(x)  # (B, T, V)
         loss = None
         if targets is not None:
@@ -224,11 +243,12 @@ class GPT(nn.Module):
         logits, _ = self(idx, attention_mask=attention_mask)
         return logprobs_from_logits(logits[:, :-1] / temperature, idx[:, 1:])
 
-    def score(self, idx, last, attention_mask=None):
+    def score(self, idx, last, attention_mask=None, first=None):
         """r_theta(x, y) of a reward model: the scalar head's output at each row's last real token, at index
-        last (B,); pass the attention mask when rows are left-padded. (B, T) -> (B,)."""
-        values, _ = self(idx, attention_mask=attention_mask)
-        return values[torch.arange(idx.size(0), device=idx.device), last]
+        last (B,); pass the attention mask when rows are left-padded, and the index of each response's
+        first token (B,) to an RM with score_logprob (response_score). (B, T) -> (B,)."""
+        values, logits = self(idx, attention_mask=attention_mask)
+        return response_score(self, values, logits, idx, first, last)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, attention_mask=None,
@@ -321,7 +341,7 @@ class GPT(nn.Module):
         return flops_per_iter / dt / peak if peak else float("nan")
 
     @classmethod
-    def from_pretrained(cls, name_or_path, head="lm", dropout=0.0):
+    def from_pretrained(cls, name_or_path, head="lm", dropout=0.0, score_logprob=False):
         """GPT-2 weights in the Hugging Face layout (config.json + model.safetensors): a name from
         GPT2_NAMES is downloaded into the cache once; a directory is read from disk."""
         path = Path(name_or_path)
@@ -331,7 +351,8 @@ class GPT(nn.Module):
             path = download_gpt2(name_or_path)
         hf = json.loads((path / "config.json").read_text())
         config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
-                           n_head=hf["n_head"], n_embd=hf["n_embd"], dropout=dropout, bias=True, head=head)
+                           n_head=hf["n_head"], n_embd=hf["n_embd"], dropout=dropout, bias=True, head=head,
+                           score_logprob=score_logprob)
         model = cls(config)
         sd = model.state_dict()
         # Hugging Face's Conv1D stores (in, out): these four are transposed relative to nn.Linear
@@ -376,7 +397,7 @@ def load_lm_into(model, lm_state_dict):
     own = model.state_dict()
     trunk = {k: v for k, v in lm_state_dict.items() if k.startswith("transformer.") or k in own}
     missing, unexpected = model.load_state_dict(trunk, strict=False)
-    missing = [k for k in missing if not k.startswith(("score_head.", "lm_head."))]
+    missing = [k for k in missing if not k.startswith(("score_head.", "lm_head.", "logprob_gain"))]
     if missing or unexpected:
         raise KeyError(f"checkpoint does not fit the model: missing {missing}, unexpected {unexpected}")
 

@@ -28,6 +28,7 @@ from config import cli, parse_config
 from data.batches import describe_rankings, encode_example, encode_rankings, pad_right, shuffled_indices, warn_counts
 from data.formats import load_sft
 from data.tokenizer import get_tokenizer
+from model import response_score
 from reliability import Interrupt, NonFiniteGuard, preflight, resume_training, training_state
 from sampling import score_responses
 from weights import GPT2_NAMES
@@ -41,6 +42,9 @@ class RewardConfig(RunConfig):
     val_data: str | None = None  # held-out rankings for accuracy
     demo_data: str | None = None  # demonstrations (SFT JSONL) whose mean score is set to 0 after training
     seq_len: int = 256  # longest prompt + response, in tokens
+    # r(x, y) also counts the response's mean log-prob under the RM's own LM head (from SFT's), with a
+    # learnt gain: a deviation from the paper's last-token head (model.response_score; README)
+    score_logprob: bool = False
     epochs: float = 1.0  # passes over the rankings (the paper: 1)
     max_iters: int = 0  # optimiser steps; 0 = derived from epochs
     batch_size: int = 64  # prompts per optimiser step, over all processes (the paper: 64)
@@ -87,13 +91,16 @@ def forward_prompts(model, prompts, device, rows_per_pass=32):
     length, rows_per_pass at a time, each pass padded to its own longest: padded to the longest of all,
     about half of a batch of the world's rankings would be padding."""
     seqs = [ids for p in prompts for ids, _ in p["seqs"]]  # N = sum of K sequences (p["seqs"]: (ids, n_query))
+    n_query = [n for p in prompts for _, n in p["seqs"]]
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     parts = []
     for j in range(0, len(seqs), rows_per_pass):
         rows = [seqs[i] for i in order[j:j + rows_per_pass]]
         idx = pad_right(rows, 0).to(device)  # (n, T): right padding, never seen by the real tokens
-        values, _ = model(idx)  # through the DDP wrapper when training: GPT.score, written out
-        parts.append(values[torch.arange(idx.size(0), device=device), [len(s) - 1 for s in rows]])
+        values, logits = model(idx)  # through the DDP wrapper when training: GPT.score, written out
+        last = torch.tensor([len(s) - 1 for s in rows], device=device)
+        first = torch.tensor([n_query[i] for i in order[j:j + rows_per_pass]], device=device)
+        parts.append(response_score(model, values, logits, idx, first, last))
     r = torch.empty(len(seqs), dtype=parts[0].dtype, device=device)
     r[torch.tensor(order, device=device)] = torch.cat(parts)  # (N,): back in the prompts' order
     Kmax = max(len(p["seqs"]) for p in prompts)
@@ -174,6 +181,8 @@ def normalise(model, tok, cfg, d, seq_len):
     mean, std = r.mean().item(), r.std().item()
     model.score_head.weight /= std
     model.score_head.bias.sub_(mean).div_(std)
+    if model.config.score_logprob:
+        model.logprob_gain /= std
     print(f"reward normalised: demonstrations scored {mean:+.3f} +- {std:.3f}, now 0 +- 1")
 
 
@@ -188,7 +197,7 @@ def main():
                     "--val-data": cfg.val_data, "--demo-data": cfg.demo_data}, d)
     set_seed(cfg.seed)
     init = f"{cfg.out_dir}/ckpt.pt" if cfg.resume else cfg.init  # --resume: the interrupted run's RM
-    tokenizer, model, ckpt = load_model(init, "scalar", cfg.dropout)
+    tokenizer, model, ckpt = load_model(init, "scalar", cfg.dropout, score_logprob=cfg.score_logprob)
     tok = get_tokenizer(tokenizer)
     seq_len = min(cfg.seq_len, model.config.block_size)
     model, ddp_model = prepare_model(model, cfg, d)

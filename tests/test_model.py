@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from common import model_from_checkpoint
 from model import GPT, GPTConfig, CausalSelfAttention, filter_logits, load_lm_into, logprobs_from_logits
 
 TINY = dict(block_size=64, vocab_size=61, n_layer=2, n_head=4, n_embd=32)
@@ -200,6 +201,41 @@ def test_scalar_head_loads_lm_trunk():
     value_model = GPT(GPTConfig(**TINY, head="scalar"))  # the value model starts from the RM, head included
     load_lm_into(value_model, rm.state_dict())
     torch.testing.assert_close(value_model(idx)[0], values)
+
+
+def test_score_logprob_rm_is_last_value_plus_gain_times_mean_response_logprob():
+    """An RM with score_logprob, from an LM: r = v_last + g * mean log p(response token), the log-probs
+    computed token by token by the LM itself, on right-padded rows and on left-padded rows with a mask
+    (PPO's rollouts); the value model built from it (head given) has no LM head and scores v_last."""
+    lm = tiny_model(seed=3)
+    rm = GPT(GPTConfig(**TINY, head="scalar", score_logprob=True))
+    load_lm_into(rm, lm.state_dict())
+    with torch.no_grad():
+        rm.logprob_gain.fill_(0.7)
+        rm.score_head.bias.fill_(0.3)
+    rows = [torch.randint(0, TINY["vocab_size"], (n,)) for n in (9, 14, 6)]
+    firsts = [4, 10, 1]  # the index of each row's first response token
+    expected = []
+    for row, first in zip(rows, firsts):
+        with torch.no_grad():
+            logits, _ = lm(row[None])
+            values, _ = rm(row[None])
+        logp = [F.log_softmax(logits[0, t - 1], -1)[row[t]].item() for t in range(first, len(row))]
+        expected.append(values[0, -1].item() + 0.7 * sum(logp) / len(logp))
+    right = torch.stack([F.pad(r, (0, 14 - len(r))) for r in rows])
+    last = torch.tensor([len(r) - 1 for r in rows])
+    with torch.no_grad():
+        got = rm.score(right, last, first=torch.tensor(firsts))
+    torch.testing.assert_close(got, torch.tensor(expected), atol=1e-5, rtol=1e-5)
+    idx, mask = left_pad([r.tolist() for r in rows])
+    shift = torch.tensor([14 - len(r) for r in rows])
+    with torch.no_grad():
+        got = rm.score(idx, last + shift, attention_mask=mask, first=torch.tensor(firsts) + shift)
+    torch.testing.assert_close(got, torch.tensor(expected), atol=1e-4, rtol=1e-4)
+    value_model = model_from_checkpoint({"model": rm.state_dict(), "model_config": vars(rm.config)}, head="scalar")
+    assert not hasattr(value_model, "lm_head") and not value_model.config.score_logprob
+    with torch.no_grad():
+        torch.testing.assert_close(value_model(right)[0], rm(right)[0])
 
 
 def test_logprobs_from_logits_is_log_softmax_gather():

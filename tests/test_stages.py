@@ -13,11 +13,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common import load_checkpoint, model_from_checkpoint
+from common import load_checkpoint, model_from_checkpoint, save_checkpoint
 from data.formats import encode_chat
 from data.tokenizer import get_tokenizer
 from model import GPT, GPTConfig
 from reward import better_than, forward_prompts, ranking_loss
+from sampling import score_responses
 from sft import collate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -139,6 +140,35 @@ def test_pretrain_sft_rm_end_to_end_through_the_command_lines(tmp_path):
                                              for line in open(tmp_path / "sft.jsonl"))
     losses = [json.loads(l)["loss"] for l in open(tmp_path / "sft" / "metrics.jsonl") if '"loss"' in l]
     assert all(math.isfinite(x) for x in losses)
+
+
+def test_rm_with_score_logprob_trains_normalises_and_drives_ppo(tmp_path):
+    """reward.py --score-logprob from an SFT checkpoint: the RM keeps its LM head, the demonstrations score
+    0 +- 1 after normalisation (gain included), and ppo.py trains against it with a value model that has
+    the scalar head only."""
+    write_tiny_data(tmp_path)
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=64, vocab_size=get_tokenizer("byte").n_vocab, n_layer=1, n_head=2, n_embd=32)
+    save_checkpoint(tmp_path / "sft.pt", GPT(config), {}, tokenizer="byte")
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"Reverse the word {w}."}) + "\n"
+                                                    for w in ("stone", "apple", "river", "cloud")))
+    run([str(ROOT / "reward.py"), "--init", "sft.pt", "--data", "rank.jsonl", "--demo-data", "sft.jsonl",
+         "--score-logprob", "--out-dir", "rm", "--max-iters", "3", "--batch-size", "4", "--micro-batch-size", "2",
+         "--device", "cpu"], tmp_path)
+    rm_ckpt = load_checkpoint(tmp_path / "rm" / "ckpt.pt")
+    assert rm_ckpt["model_config"]["score_logprob"] and "lm_head.weight" in rm_ckpt["model"]
+    rm = model_from_checkpoint(rm_ckpt).eval()
+    tok = get_tokenizer("byte")
+    demos = [encode_chat(tok, json.loads(line)["prompt"], json.loads(line)["response"])
+             for line in open(tmp_path / "sft.jsonl")]
+    with torch.no_grad():
+        scores = torch.tensor(score_responses(rm, [q for q, _ in demos], [r for _, r in demos], 8))
+    assert abs(scores.mean().item()) < 1e-4 and scores.std().item() == pytest.approx(1.0, abs=1e-4)
+    run([str(ROOT / "ppo.py"), "--sft", "sft.pt", "--rm", "rm/ckpt.pt", "--prompts", "prompts.jsonl", "--out-dir",
+         "ppo", "--total-episodes", "8", "--batch-size", "4", "--minibatch-size", "2", "--max-new-tokens", "8",
+         "--device", "cpu"], tmp_path)
+    ppo = load_checkpoint(tmp_path / "ppo" / "ckpt.pt")
+    assert ppo["iter"] == 2 and not any(k.startswith("lm_head") for k in ppo["value_model"])
 
 
 def test_bad_config_is_a_one_line_error(tmp_path):
