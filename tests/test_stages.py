@@ -212,8 +212,8 @@ def test_quick_pipeline_end_to_end(tmp_path):
     assert {name for name, _ in rerun} == {f"{step} ({split})" for step in ("collect SFT samples", "labelers rank")
                                            for split in ("train", "val")} | {
         "reward model", "ppo", "ppo-ptx", "ppo-gold", "evaluate"}, forced.stdout
-    assert dict(rerun)["reward model"].split() == [f"{tmp_path}/sft/ckpt.pt", f"{tmp_path}/rankings/rm_train.jsonl",
-                                                  f"{tmp_path}/rankings/rankings_val.jsonl"]
+    assert dict(rerun)["reward model"].split() == ["sft/ckpt.pt", "rankings/rm_train.jsonl",
+                                                  "rankings/rankings_val.jsonl"]  # under RUNS
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     sha = hashlib.sha256((tmp_path / "sft" / "ckpt.pt").read_bytes()).hexdigest()
     assert report["checkpoints"]["sft"] == {"path": f"{tmp_path}/sft/ckpt.pt", "sha256": sha}
