@@ -179,7 +179,8 @@ def test_bad_config_is_a_one_line_error(tmp_path):
 
 def test_quick_pipeline_end_to_end(tmp_path):
     """QUICK=1 bash train.sh: every stage through its real command line, ending in a complete report; then
-    with ALGOS, the finished stages skipped and the alternatives to PPO trained and added to the report."""
+    FORCE=sft with ALGOS: the stages made from SFT rerun, the alternatives to PPO trained and reported;
+    then a run that finds every stage finished."""
     env = {**os.environ, "QUICK": "1", "RUNS": str(tmp_path), "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}
     res = subprocess.run(["bash", str(ROOT / "train.sh")], env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
@@ -191,30 +192,32 @@ def test_quick_pipeline_end_to_end(tmp_path):
         assert math.isfinite(m["win_rate_vs_sft"]) and len(m["win_rate_ci"]) == 2 and math.isfinite(m["kl_vs_sft"])
     for stage in ("base", "sft", "rm", "ppo", "ppo_ptx"):  # the training curves of every stage
         assert (tmp_path / stage / "curves.txt").read_text().count("\n") > 5
-    # a second run skips every finished stage; asked for the alternatives, it trains them and evaluates again
     bad = subprocess.run(["bash", str(ROOT / "train.sh")], env={**env, "ALGOS": "dpo ppo"}, capture_output=True,
                          text=True, timeout=60)
     assert bad.returncode == 2 and "unknown algorithm 'ppo'" in bad.stderr
-    again = subprocess.run(["bash", str(ROOT / "train.sh")], env={**env, "ALGOS": " ".join(algos)},
-                           capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and again.stdout.count("skipped") >= 10, again.stdout[-2000:] + again.stderr[-2000:]
-    report = json.loads((tmp_path / "eval" / "report.json").read_text())
-    assert list(report["models"]) == [m for m in MODELS if m != "base_prompted"]
-    assert all(report["models"][a]["train_seconds"] > 0 for a in algos)
-    # SFT again (FORCE=sft; a new seed, so a new model): every stage made from it reruns (without ALGOS: not
-    # the alternatives), the world and pretraining do not; the report names the checkpoints it evaluated
-    forced = subprocess.run(["bash", str(ROOT / "train.sh")], env={**env, "FORCE": "sft", "SFT_ARGS": "--seed 5"},
-                            capture_output=True, text=True, timeout=600)
-    assert forced.returncode == 0, forced.stdout[-2000:] + forced.stderr[-2000:]
-    skipped = re.findall(r"^== (.+?): \S+ exists, skipped$", forced.stdout, re.M)
-    rerun = re.findall(r"^== (.+?): rerun: (.+) changed since", forced.stdout, re.M)
-    assert skipped == ["world", "pretrain"], forced.stdout
+    # SFT again (FORCE=sft; a new seed, so a new model) and the alternatives to PPO: every stage made from
+    # SFT reruns, the world and pretraining do not, DPO, GRPO and RLOO are trained and evaluated too, and
+    # the report names the checkpoints it evaluated
+    again = subprocess.run(["bash", str(ROOT / "train.sh")], capture_output=True, text=True, timeout=600,
+                           env={**env, "ALGOS": " ".join(algos), "FORCE": "sft", "SFT_ARGS": "--seed 5"})
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    skipped = re.findall(r"^== (.+?): \S+ exists, skipped$", again.stdout, re.M)
+    rerun = re.findall(r"^== (.+?): rerun: (.+) changed since", again.stdout, re.M)
+    assert skipped == ["world", "pretrain"], again.stdout
     assert {name for name, _ in rerun} == {f"{step} ({split})" for step in ("collect SFT samples", "labelers rank")
                                            for split in ("train", "val")} | {
-        "reward model", "ppo", "ppo-ptx", "ppo-gold", "evaluate"}, forced.stdout
+        "reward model", "ppo", "ppo-ptx", "ppo-gold"}, again.stdout  # evaluation: rerun for ALGOS' rows anyway
+    assert "== evaluate done" in again.stdout
     assert dict(rerun)["reward model"].split() == ["sft/ckpt.pt", "rankings/rm_train.jsonl",
                                                   "rankings/rankings_val.jsonl"]  # under RUNS
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert list(report["models"]) == [m for m in MODELS if m != "base_prompted"]
+    assert all(report["models"][a]["train_seconds"] > 0 for a in algos)
     sha = hashlib.sha256((tmp_path / "sft" / "ckpt.pt").read_bytes()).hexdigest()
     assert report["checkpoints"]["sft"] == {"path": f"{tmp_path}/sft/ckpt.pt", "sha256": sha}
-    assert set(report["checkpoints"]) == {"base", "sft", "rm", "ppo", "ppo_ptx", "ppo_gold"}  # no ALGOS this time
+    assert set(report["checkpoints"]) == {"base", "sft", "rm", "ppo", "ppo_ptx", "ppo_gold", *algos}
+    # a third run finds every stage finished and made from the files it would read now: nothing runs
+    third = subprocess.run(["bash", str(ROOT / "train.sh")], env={**env, "ALGOS": " ".join(algos)},
+                           capture_output=True, text=True, timeout=300)
+    assert third.returncode == 0 and third.stdout.count(", skipped") == 15 and "rerun" not in third.stdout, \
+        third.stdout[-2000:] + third.stderr[-2000:]
