@@ -286,16 +286,19 @@ def load_model(init, head, dropout, kind=None, score_logprob=False):
         return ckpt["tokenizer"], model_from_checkpoint(ckpt, head, dropout, score_logprob), ckpt
     tokenizer, meta = "gpt2", Path(init) / "instructgpt.json"
     try:
-        if meta.is_file():  # a directory of export.py: its own tokenizer (the world's is not GPT-2's) and head
+        # a directory of export.py: its own tokenizer (the world's is not GPT-2's) and head
+        if meta.is_file():
             info = json.loads(meta.read_text(encoding="utf-8"))
             tokenizer, exported = info["tokenizer"], info["model_config"]["head"]
             if kind is not None and exported != kind:
-                raise ValueError(f"{init} is {HEADS.get(exported, exported)}, but {HEADS[kind]} is expected here")
+                found = HEADS.get(exported, exported)
+                raise ValueError(f"{init} is {found}, but {HEADS[kind]} is expected here")
         return tokenizer, GPT.from_pretrained(init, head, dropout, score_logprob), None
     except (KeyError, TypeError, AssertionError, RuntimeError, struct.error, UnicodeDecodeError,
             json.JSONDecodeError) as e:  # a truncated or foreign file in the directory
-        raise ValueError(f"{init}: not a GPT-2 directory in the Hugging Face layout (config.json, model.safetensors) "
-                         f"that this project can read ({type(e).__name__}: {e})") from None
+        layout = "the Hugging Face layout (config.json, model.safetensors)"
+        raise ValueError(f"{init}: not a GPT-2 directory in {layout} that this project can read "
+                         f"({type(e).__name__}: {e})") from None
 
 
 def model_from_checkpoint(ckpt, head=None, dropout=None, score_logprob=False):

@@ -100,7 +100,8 @@ def cli(main):
     except (FloatingPointError, ConnectionError) as e:  # diverged, or a download that failed
         print(f"error: {e}", file=sys.stderr)
         code = 1
-    except OSError as e:  # disk full, no permission, a device gone: the file and what to do, not a traceback
+    # disk full, no permission, a device gone: the file and what to do, not a traceback
+    except OSError as e:
         advice = {errno.ENOSPC: "; free some space and run again (a training stage continues from its last "
                                 "save with --resume)", errno.EDQUOT: "; free some space and run again"}
         print(f"error: {e.filename or ''}: {e.strerror or e}{advice.get(e.errno, '')}", file=sys.stderr)

@@ -162,7 +162,7 @@ def readme(cfg, c, tokenizer, eot, pad):
 def check_out(out):
     """Refuse an --out that holds anything but a previous export, before any work is done."""
     if Path.cwd().is_relative_to(out.resolve()):  # the export replaces --out by a rename
-        raise ValueError(f"--out {out} is the current directory or one above it; give a new directory path")
+        raise ValueError(f"--out {out} is the current directory or one above it; give a new directory")
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a directory path")
     if out.is_dir() and any(out.iterdir()) and not (out / META).is_file():
@@ -205,8 +205,8 @@ def main(argv=None):
         ckpt = {**ckpt, "model": ckpt["value_model"], "model_config": ckpt["value_model_config"]}
     model = model_from_checkpoint(ckpt).eval()
     if model.config.score_logprob:
-        raise ValueError(f"{cfg.ckpt}: an RM that counts the response's log-prob (reward.py --score-logprob) has "
-                         "no Hugging Face layout; export the policies it trained instead")
+        raise ValueError(f"{cfg.ckpt}: an RM with reward.py --score-logprob has no Hugging Face "
+                         "layout; export the policies it trained instead")
     c, tokenizer = model.config, ckpt["tokenizer"]
     eot, pad = special_ids(tokenizer)
     lm = c.head == "lm"

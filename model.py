@@ -32,7 +32,8 @@ class GPTConfig:
     dropout: float = 0.0  # the paper's SFT used residual dropout 0.2
     bias: bool = True  # biases in Linear and LayerNorm, as GPT-2
     head: str = "lm"  # "lm": next-token logits; "scalar": one number per position (reward / value model)
-    score_logprob: bool = False  # scalar head: r also counts the response's mean log-prob (reward.py)
+    # scalar head: r also counts the response's mean log-prob (reward.py)
+    score_logprob: bool = False
 
 
 # exercise: attention
@@ -134,7 +135,8 @@ def response_score(model, values, logits, idx, first, last):
     rows = torch.arange(idx.size(0), device=idx.device)
     if logits is None:
         return values[rows, last]
-    logp = logprobs_from_logits(logits[:, :-1], idx[:, 1:])  # (B, T - 1): position t predicts token t + 1
+    # (B, T - 1): position t predicts token t + 1
+    logp = logprobs_from_logits(logits[:, :-1], idx[:, 1:])
     pos = torch.arange(logp.size(1), device=idx.device).unsqueeze(0)
     in_response = (pos >= first.unsqueeze(1) - 1) & (pos < last.unsqueeze(1))
     mean_logp = (logp * in_response).sum(1) / in_response.sum(1).clamp(min=1)
@@ -224,7 +226,8 @@ class GPT(nn.Module):
             else:
                 x = block(x, mask_bias, kv_caches[i] if kv_caches is not None else None)
         x = self.transformer.ln_f(x)
-        if self.config.head == "scalar":  # (B, T) values; the logits too for an RM with score_logprob
+        # (B, T) values; the logits too for an RM with score_logprob
+        if self.config.head == "scalar":
             return self.score_head(x).squeeze(-1), self.lm_head(x) if self.config.score_logprob else None
         logits = self.lm_head(x)  # (B, T, V)
         loss = None
@@ -351,8 +354,8 @@ class GPT(nn.Module):
             path = download_gpt2(name_or_path)
         hf = json.loads((path / "config.json").read_text())
         config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
-                           n_head=hf["n_head"], n_embd=hf["n_embd"], dropout=dropout, bias=True, head=head,
-                           score_logprob=score_logprob)
+                           n_head=hf["n_head"], n_embd=hf["n_embd"], dropout=dropout, bias=True,
+                           head=head, score_logprob=score_logprob)
         model = cls(config)
         sd = model.state_dict()
         # Hugging Face's Conv1D stores (in, out): these four are transposed relative to nn.Linear

@@ -167,7 +167,8 @@ def score(reward_model, ro, prompts, tok, cfg, d):
     else:
         last = ro.n_query - 1 + ro.response_mask.sum(1)
         with d.autocast():
-            first = torch.full_like(last, ro.n_query)  # rollouts: left-padded queries, then the responses
+            # rollouts: left-padded queries, then the responses
+            first = torch.full_like(last, ro.n_query)
             scores = reward_model.score(ro.seq, last, attention_mask=ro.attention_mask, first=first).float()
     return unended_rule(scores, ro.ended, cfg.unended_score)
 

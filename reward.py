@@ -44,9 +44,7 @@ class RewardConfig(RunConfig):
     val_data: str | None = None  # held-out rankings for accuracy
     demo_data: str | None = None  # demonstrations (SFT JSONL) whose mean score is set to 0 after training
     seq_len: int = 256  # longest prompt + response, in tokens
-    # r(x, y) also counts the response's mean log-prob under the RM's own LM head (from SFT's), with a
-    # learnt gain: a deviation from the paper's last-token head (model.response_score; README)
-    score_logprob: bool = False
+    score_logprob: bool = False  # r also adds g x the response's mean log-prob (deviation; README)
     epochs: float = 1.0  # passes over the rankings (the paper: 1)
     max_iters: int = 0  # optimiser steps; 0 = derived from epochs
     batch_size: int = 64  # prompts per optimiser step, over all processes (the paper: 64)

@@ -80,8 +80,9 @@ def compare(cfg):
     for name, path in zip(model_names(paths), paths):
         model, tokenizer, _ = load_policy(path, device)
         if cfg.max_new_tokens >= model.config.block_size:
-            raise ValueError(f"--max-new-tokens {cfg.max_new_tokens} leaves no room for the prompt in the context "
-                             f"of {path} ({model.config.block_size} tokens); lower it")
+            context = f"the context of {path} ({model.config.block_size} tokens)"
+            raise ValueError(f"--max-new-tokens {cfg.max_new_tokens} leaves no room for the prompt in "
+                             f"{context}; lower it")
         tokenizers.add(tokenizer)
         tok = get_tokenizer(tokenizer)
         queries = encode_queries(tok, prompts, model.config.block_size - cfg.max_new_tokens,
