@@ -157,8 +157,9 @@ def set_seed(seed):
 
 # --- checkpoints: atomic writes, pickle-free loads ---------------------------------------------------------
 class _WriteErrors:
-    """A file object that keeps the first OSError of its writes: torch.save reports a failed write (disk
-    full) as a RuntimeError about zip offsets, and atomic_save raises the OSError itself instead."""
+    """A file object that keeps the first OSError of its writes: torch.save reports a failed write
+    (disk full) as a RuntimeError about zip offsets, and atomic_save raises the OSError itself
+    instead."""
 
     def __init__(self, f):
         self.f, self.error = f, None
@@ -268,9 +269,10 @@ def check_max_new_tokens(ckpt, max_new_tokens, path):
     prompt in the policy's context. ckpt None (GPT-2 weights): no check."""
     longest = ckpt.get("max_response_tokens", 0) if ckpt else 0
     if max_new_tokens < longest:
+        fix = (f"raise it to at least {longest}, or drop longer demonstrations in SFT "
+               "(sft.py --max-response-tokens)")
         raise ValueError(f"--max-new-tokens {max_new_tokens} is shorter than the longest demonstration {path} "
-                         f"learnt ({longest} tokens with its end-of-text); raise it to at least {longest}, or "
-                         f"drop longer demonstrations in SFT (sft.py --max-response-tokens)")
+                         f"learnt ({longest} tokens with its end-of-text); {fix}")
     block_size = ckpt["model_config"]["block_size"] if ckpt else max_new_tokens + 1
     if max_new_tokens >= block_size:
         raise ValueError(f"--max-new-tokens {max_new_tokens} leaves no room for the prompt in the context of {path} "
@@ -302,10 +304,10 @@ def load_model(init, head, dropout, kind=None, score_logprob=False):
 
 
 def model_from_checkpoint(ckpt, head=None, dropout=None, score_logprob=False):
-    """Build a GPT from a checkpoint dict. head="scalar" on an LM checkpoint gives a reward/value model
-    with the LM's trunk and a fresh scalar head (the paper's RM init); with score_logprob, an RM that keeps
-    the LM head too (model.response_score). A head given drops the checkpoint's score_logprob unless asked:
-    the value model starts from the RM's trunk and scalar head only."""
+    """Build a GPT from a checkpoint dict. head="scalar" on an LM checkpoint gives a reward/value
+    model with the LM's trunk and a fresh scalar head (the paper's RM init); with score_logprob, an
+    RM that keeps the LM head too (model.response_score). A head given drops the checkpoint's
+    score_logprob unless asked: the value model starts from the RM's trunk and scalar head only."""
     cfg = dict(ckpt["model_config"])
     if head is not None:
         cfg["head"], cfg["score_logprob"] = head, score_logprob

@@ -85,11 +85,11 @@ def join_repeated(argv, flag):
 
 
 def cli(main):
-    """Run a script's main() and exit with the project's codes: bad data, paths or settings (ValueError,
-    data.formats.DataError among them, FileNotFoundError) and files that cannot be written (OSError: disk
-    full, permissions) one line and 2; a diverged run, a refused non-finite checkpoint
-    (FloatingPointError) or a failed download (ConnectionError) one line and 1;
-    Ctrl-C during setup, or a second Ctrl-C in training, 130 (a first Ctrl-C in training saves first: see
+    """Run a script's main() and exit with the project's codes: bad data, paths or settings
+    (ValueError, data.formats.DataError among them, FileNotFoundError) and files that cannot be
+    written (OSError: disk full, permissions) one line and 2; a diverged run, a refused non-finite
+    checkpoint (FloatingPointError) or a failed download (ConnectionError) one line and 1; Ctrl-C
+    during setup, or a second Ctrl-C in training, 130 (a first Ctrl-C in training saves first: see
     reliability.Interrupt)."""
     code = 0
     try:
@@ -102,9 +102,10 @@ def cli(main):
         code = 1
     # disk full, no permission, a device gone: the file and what to do, not a traceback
     except OSError as e:
-        advice = {errno.ENOSPC: "; free some space and run again (a training stage continues from its last "
-                                "save with --resume)", errno.EDQUOT: "; free some space and run again"}
-        print(f"error: {e.filename or ''}: {e.strerror or e}{advice.get(e.errno, '')}", file=sys.stderr)
+        free = "; free some space and run again"
+        resume = " (a training stage continues from its last save with --resume)"
+        advice = {errno.ENOSPC: free + resume, errno.EDQUOT: free}.get(e.errno, "")
+        print(f"error: {e.filename or ''}: {e.strerror or e}{advice}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:
         print("aborted by Ctrl-C: nothing saved since the last checkpoint", file=sys.stderr)

@@ -162,7 +162,8 @@ def readme(cfg, c, tokenizer, eot, pad):
 def check_out(out):
     """Refuse an --out that holds anything but a previous export, before any work is done."""
     if Path.cwd().is_relative_to(out.resolve()):  # the export replaces --out by a rename
-        raise ValueError(f"--out {out} is the current directory or one above it; give a new directory")
+        raise ValueError(f"--out {out} is the current directory or one above it; "
+                         "give a new directory")
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a directory path")
     if out.is_dir() and any(out.iterdir()) and not (out / META).is_file():

@@ -128,8 +128,9 @@ def logprobs_from_logits(logits, tokens):
 
 def response_score(model, values, logits, idx, first, last):
     """The RM's score of each row from its forward pass: the value at the last token, and with
-    score_logprob (a deviation: the paper reads the last token only) g times the mean log-probability of
-    the response tokens idx[first..last] under the RM's own language-model head, which starts as SFT's:
+    score_logprob (a deviation: the paper reads the last token only) g times the mean
+    log-probability of the response tokens idx[first..last] under the RM's own language-model head,
+    which starts as SFT's:
         r(x, y) = v_last + g * 1/|y| sum_t log p(y_t | x, y_<t)
     `model` may be DDP-wrapped (values, logits from its forward). first, last (B,) -> (B,)."""
     rows = torch.arange(idx.size(0), device=idx.device)
@@ -228,7 +229,8 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         # (B, T) values; the logits too for an RM with score_logprob
         if self.config.head == "scalar":
-            return self.score_head(x).squeeze(-1), self.lm_head(x) if self.config.score_logprob else None
+            logits = self.lm_head(x) if self.config.score_logprob else None
+            return self.score_head(x).squeeze(-1), logits
         logits = self.lm_head(x)  # (B, T, V)
         loss = None
         if targets is not None:
@@ -247,9 +249,9 @@ class GPT(nn.Module):
         return logprobs_from_logits(logits[:, :-1] / temperature, idx[:, 1:])
 
     def score(self, idx, last, attention_mask=None, first=None):
-        """r_theta(x, y) of a reward model: the scalar head's output at each row's last real token, at index
-        last (B,); pass the attention mask when rows are left-padded, and the index of each response's
-        first token (B,) to an RM with score_logprob (response_score). (B, T) -> (B,)."""
+        """r_theta(x, y) of a reward model: the scalar head's output at each row's last real token,
+        at index last (B,); pass the attention mask when rows are left-padded, and the index of each
+        response's first token (B,) to an RM with score_logprob (response_score). (B, T) -> (B,)."""
         values, logits = self(idx, attention_mask=attention_mask)
         return response_score(self, values, logits, idx, first, last)
 

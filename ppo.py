@@ -169,7 +169,7 @@ def score(reward_model, ro, prompts, tok, cfg, d):
         with d.autocast():
             # rollouts: left-padded queries, then the responses
             first = torch.full_like(last, ro.n_query)
-            scores = reward_model.score(ro.seq, last, attention_mask=ro.attention_mask, first=first).float()
+            scores = reward_model.score(ro.seq, last, ro.attention_mask, first).float()
     return unended_rule(scores, ro.ended, cfg.unended_score)
 
 

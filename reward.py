@@ -13,8 +13,9 @@ training, the head is rescaled so that the demonstrations score 0 +- 1 (the pape
 
 Pairwise data ({"prompt","chosen","rejected"} or HH-RLHF transcripts) is K = 2.
 Deviations from the paper: the RM is as small as the policy (the paper used a 6B RM for every policy).
-With --score-logprob (off by default) r also counts the response's mean log-probability under the RM's
-own language-model head, kept from SFT and trained with it, times a learnt gain (model.response_score).
+With --score-logprob (off by default) r also counts the response's mean log-probability under the
+RM's own language-model head, kept from SFT and trained with it, times a learnt gain
+(model.response_score).
 """
 import math
 import time
@@ -197,7 +198,7 @@ def main():
                     "--val-data": cfg.val_data, "--demo-data": cfg.demo_data}, d)
     set_seed(cfg.seed)
     init = f"{cfg.out_dir}/ckpt.pt" if cfg.resume else cfg.init  # --resume: the interrupted run's RM
-    tokenizer, model, ckpt = load_model(init, "scalar", cfg.dropout, score_logprob=cfg.score_logprob)
+    tokenizer, model, ckpt = load_model(init, "scalar", cfg.dropout, None, cfg.score_logprob)
     tok = get_tokenizer(tokenizer)
     seq_len = min(cfg.seq_len, model.config.block_size)
     model, ddp_model = prepare_model(model, cfg, d)

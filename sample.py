@@ -81,8 +81,8 @@ def compare(cfg):
         model, tokenizer, _ = load_policy(path, device)
         if cfg.max_new_tokens >= model.config.block_size:
             context = f"the context of {path} ({model.config.block_size} tokens)"
-            raise ValueError(f"--max-new-tokens {cfg.max_new_tokens} leaves no room for the prompt in "
-                             f"{context}; lower it")
+            raise ValueError(f"--max-new-tokens {cfg.max_new_tokens} leaves no room for the prompt "
+                             f"in {context}; lower it")
         tokenizers.add(tokenizer)
         tok = get_tokenizer(tokenizer)
         queries = encode_queries(tok, prompts, model.config.block_size - cfg.max_new_tokens,

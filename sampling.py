@@ -86,7 +86,8 @@ def score_responses(rm, queries, responses, batch_size):
         batch_q, batch_r = queries[i:i + batch_size], responses[i:i + batch_size]
         seqs = [truncate_left(q + r, rm.config.block_size)[0] for q, r in zip(batch_q, batch_r)]
         last = torch.tensor([len(s) - 1 for s in seqs], device=device)
-        starts = [max(1, len(s) - len(r)) for s, r in zip(seqs, batch_r)]  # each response's first index
+        # the index of each response's first token
+        starts = [max(1, len(s) - len(r)) for s, r in zip(seqs, batch_r)]
         first = torch.tensor(starts, device=device)
         out.append(rm.score(pad_right(seqs, 0).to(device), last, first=first).float())
     return torch.cat(out).cpu().tolist() if out else []

@@ -48,7 +48,7 @@ class SFTConfig(RunConfig):
     n_head: int = 4  # scratch model: attention heads
     n_embd: int = 128  # scratch model: width
     seq_len: int = 256  # longest training sequence (pretraining: the length of each text window)
-    max_response_tokens: int = 0  # drop demonstrations with longer responses (PPO's budget); 0 = keep
+    max_response_tokens: int = 0  # drop demonstrations with longer responses; 0 = keep all
     block_size: int = 0  # scratch model: context length; 0 = --seq-len
     dropout: float = 0.0  # residual/attention dropout (the paper's SFT used 0.2)
     epochs: float = 1.0  # passes over the SFT data (over the text, when pretraining); the paper used 16

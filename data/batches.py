@@ -41,9 +41,10 @@ def encode_example(tok, prompt, response, max_len, stats):
 
 
 def encode_rankings(path, tok, seq_len):
-    """Each ranked prompt of a rankings file as {"seqs": its K responses, each encoded with the prompt as (ids,
-    n_query) by encode_example, "ranking"}; a ranking with a response that does not fit is dropped. The
-    warning counts rankings (one with a cut prompt is truncated), not responses."""
+    """Each ranked prompt of a rankings file as {"seqs": its K responses, each encoded with the
+    prompt as (ids, n_query) by encode_example, "ranking"}; a ranking with a response that does not
+    fit is dropped. The warning counts rankings (one with a cut prompt is truncated), not
+    responses."""
     records, stats, out = load_rankings(path), {}, []
     for r in records:
         own = {}
@@ -65,14 +66,16 @@ def describe_rankings(prompts):
 
 
 def warn_counts(name, stats, total, unit="examples", max_len=None):
-    """Say how many examples (or rankings) were truncated or dropped: never silently. When every one was
-    dropped there is nothing to train on: a one-line error (ValueError) naming the file and max_len."""
+    """Say how many examples (or rankings) were truncated or dropped: never silently. When every one
+    was dropped there is nothing to train on: a one-line error (ValueError) naming the file and
+    max_len."""
     if total and stats.get("dropped") == total:
-        raise ValueError(f"{name}: none of its {total} {unit} fits in a context of {max_len} tokens (--seq-len, "
-                         f"at most the model's block size)")
+        context = f"a context of {max_len} tokens (--seq-len, at most the model's block size)"
+        raise ValueError(f"{name}: none of its {total} {unit} fits in {context}")
     for what in ("truncated", "dropped"):
         if stats.get(what):
-            print(f"warning: {name}: {stats[what]} of {total} {unit} {what} to fit the context", file=sys.stderr)
+            counted = f"{stats[what]} of {total} {unit} {what}"
+            print(f"warning: {name}: {counted} to fit the context", file=sys.stderr)
 
 
 def pad_right(seqs, pad_value):

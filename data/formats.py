@@ -363,7 +363,7 @@ def atomic_open(path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:  # disk full, a device gone: name the file written (a failed write names none)
+    except OSError as e:  # disk full, a device gone: name the file (a failed write names none)
         Path(tmp).unlink(missing_ok=True)
         if e.errno is None or e.filename is not None:
             raise

@@ -1,10 +1,11 @@
-"""The RM checks of evaluate.py alone, without sampling any policy: how often a reward model scores each
-held-out prompt's gold answer above a wrong answer in the same style, and above another prompt's gold
-answer, overall and per family. Given a policy checkpoint (SFT) instead of an RM, it scores each answer by
-the policy's own mean log-probability of the response: the judge an RM with --score-logprob starts from.
+"""The RM checks of evaluate.py alone, without sampling any policy: how often a reward model scores
+each held-out prompt's gold answer above a wrong answer in the same style, and above another
+prompt's gold answer, overall and per family. Given a policy checkpoint (SFT) instead of an RM, it
+scores each answer by the policy's own mean log-probability of the response: the judge an RM with
+--score-logprob starts from.
 
     python experiments/rm_checks.py --ckpt runs/rm/ckpt.pt --prompts runs/world/test_prompts.jsonl
-    python experiments/rm_checks.py --ckpt runs/sft/ckpt.pt --prompts runs/world/test_prompts.jsonl   # likelihood
+    python experiments/rm_checks.py --ckpt runs/sft/ckpt.pt --prompts runs/world/test_prompts.jsonl
 """
 import json
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere: the project's modules
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's modules
 
 from common import load_checkpoint, model_from_checkpoint  # noqa: E402
 from config import cli, parse_config  # noqa: E402
@@ -26,7 +27,7 @@ from evaluate import rm_checks  # noqa: E402
 class ChecksConfig:
     ckpt: str  # a reward model, or a policy (scored by its mean log-probability of the response)
     prompts: str = "runs/world/test_prompts.jsonl"  # held-out prompts of the built-in world
-    max_new_tokens: int = 128  # room kept for the answer, as evaluate.py (the prompt is cut to the rest)
+    max_new_tokens: int = 128  # room kept for the answer, as evaluate.py
     batch_size: int = 64  # rows per forward pass
     seed: int = 0  # draws the wrong answers and the other prompts, as evaluate.py --seed
 
@@ -42,8 +43,10 @@ def main():
     else:
         model = model_from_checkpoint(ckpt)
     with torch.no_grad():
-        checks = rm_checks(model.eval(), load_prompts(cfg.prompts), get_tokenizer(ckpt["tokenizer"]), cfg)
-    print(json.dumps({name: {k: round(v, 3) for k, v in c.items()} for name, c in checks.items()}, indent=1))
+        tok = get_tokenizer(ckpt["tokenizer"])
+        checks = rm_checks(model.eval(), load_prompts(cfg.prompts), tok, cfg)
+    rounded = {name: {k: round(v, 3) for k, v in c.items()} for name, c in checks.items()}
+    print(json.dumps(rounded, indent=1))
 
 
 if __name__ == "__main__":
