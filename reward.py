@@ -13,9 +13,9 @@ training, the head is rescaled so that the demonstrations score 0 +- 1 (the pape
 
 Pairwise data ({"prompt","chosen","rejected"} or HH-RLHF transcripts) is K = 2.
 Deviations from the paper: the RM is as small as the policy (the paper used a 6B RM for every policy).
-With --score-logprob (off by default) r also counts the response's mean log-probability under the
-RM's own language-model head, kept from SFT and trained with it, times a learnt gain
-(model.response_score).
+With --score-logprob (off by default; train.sh passes it on the built-in world) r also counts the
+response's mean log-probability under the RM's own language-model head, kept from SFT and trained
+with it, times a learnt gain (model.response_score).
 """
 import math
 import time

@@ -190,6 +190,8 @@ def test_quick_pipeline_end_to_end(tmp_path):
     assert list(report["models"]) == [m for m in MODELS if m not in ["base_prompted", *algos]]  # no few-shot base
     for m in report["models"].values():
         assert math.isfinite(m["win_rate_vs_sft"]) and len(m["win_rate_ci"]) == 2 and math.isfinite(m["kl_vs_sft"])
+    # train.sh's RM reads the response's likelihood too (reward.py --score-logprob)
+    assert load_checkpoint(tmp_path / "rm" / "ckpt.pt")["model_config"]["score_logprob"]
     for stage in ("base", "sft", "rm", "ppo", "ppo_ptx"):  # the training curves of every stage
         assert (tmp_path / stage / "curves.txt").read_text().count("\n") > 5
     bad = subprocess.run(["bash", str(ROOT / "train.sh")], env={**env, "ALGOS": "dpo ppo"}, capture_output=True,
