@@ -60,9 +60,9 @@ finished() {  # a checkpoint that loads and whose run did all its steps (common.
   $PY -c "import sys, common; sys.exit(0 if common.stage_finished(sys.argv[1]) else 1)" "$1"
 }
 
-inputs() {  # inputs OUTPUT COMMAND...: the checksums (cksum: CRC, size; then the path under $RUNS, so that a
-  # copied run directory still matches) of the files COMMAND reads: its arguments that are files, other than
-  # its scripts and OUTPUT
+inputs() {  # inputs OUTPUT COMMAND...: the checksums (cksum: CRC, size; then the path under $RUNS,
+  # so that a copied run directory still matches) of the files COMMAND reads: its arguments that
+  # are files, other than its scripts and OUTPUT
   local out=$1 a; shift
   for a in "$@"; do
     if [[ -f $a && $a != *.py && $a != "$out" ]]; then echo "$(cksum < "$a") ${a#"$RUNS"/}"; fi

@@ -32,9 +32,9 @@ def test_gold_ppo_saves_and_accuracy_run_end_to_end(tmp_path):
 
 
 def test_rm_checks_of_a_policy_rank_by_its_mean_response_logprob(tmp_path):
-    """experiments/rm_checks.py on a policy scores each answer by the policy's own mean log-probability of
-    the response (here against a token-by-token computation for gold over wrong); on an RM it gives
-    evaluate.py's RM checks."""
+    """experiments/rm_checks.py on a policy scores each answer by the policy's own mean
+    log-probability of the response (here against a token-by-token computation for gold over
+    wrong); on an RM it gives evaluate.py's RM checks."""
     import random
     import torch
     from common import load_checkpoint, model_from_checkpoint
@@ -43,19 +43,23 @@ def test_rm_checks_of_a_policy_rank_by_its_mean_response_logprob(tmp_path):
     from data.world import gold_answer, parse_prompt, wrong_answer
     write_tiny_policy_and_rm(tmp_path)
     prompts = PROMPTS + ["Add 2 and 9.", "Reverse the word river.", "Add 12 and 30."]
-    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    lines = "".join(json.dumps({"prompt": p}) + "\n" for p in prompts)
+    (tmp_path / "prompts.jsonl").write_text(lines)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    script = ROOT / "experiments" / "rm_checks.py"
     out = {}
     for ckpt in ("sft.pt", "rm.pt"):
-        res = subprocess.run([sys.executable, ROOT / "experiments" / "rm_checks.py", "--ckpt", ckpt, "--prompts",
-                              "prompts.jsonl", "--max-new-tokens", "16"],
+        args = ["--ckpt", ckpt, "--prompts", "prompts.jsonl", "--max-new-tokens", "16"]
+        res = subprocess.run([sys.executable, script, *args],
                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, res.stderr[-2000:]
         out[ckpt] = json.loads(res.stdout)
         assert set(out[ckpt]) == {"gold_over_wrong", "gold_over_other_prompt"}
         assert set(out[ckpt]["gold_over_wrong"]) == {"all", "add", "reverse"}
-    policy, tok = model_from_checkpoint(load_checkpoint(tmp_path / "sft.pt")).eval(), get_tokenizer("byte")
-    rng = random.Random("0/rm_checks")  # evaluate.rm_checks draws the wrong answers first, in prompt order
+    policy = model_from_checkpoint(load_checkpoint(tmp_path / "sft.pt")).eval()
+    tok = get_tokenizer("byte")
+    # evaluate.rm_checks draws the wrong answers first, in prompt order
+    rng = random.Random("0/rm_checks")
 
     def mean_logprob(prompt, answer):
         query, response = encode_chat(tok, prompt, answer)
@@ -63,5 +67,6 @@ def test_rm_checks_of_a_policy_rank_by_its_mean_response_logprob(tmp_path):
             logp = policy.token_logprobs(torch.tensor([query + response]))[0]
         return logp[len(query) - 1:].mean().item()
     tasks = [parse_prompt(p) for p in prompts]
-    right = [mean_logprob(p, gold_answer(t)) > mean_logprob(p, wrong_answer(t, rng)) for p, t in zip(prompts, tasks)]
+    right = [mean_logprob(p, gold_answer(t)) > mean_logprob(p, wrong_answer(t, rng))
+             for p, t in zip(prompts, tasks)]
     assert out["sft.pt"]["gold_over_wrong"]["all"] == round(sum(right) / len(right), 3)

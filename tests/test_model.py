@@ -204,9 +204,10 @@ def test_scalar_head_loads_lm_trunk():
 
 
 def test_score_logprob_rm_is_last_value_plus_gain_times_mean_response_logprob():
-    """An RM with score_logprob, from an LM: r = v_last + g * mean log p(response token), the log-probs
-    computed token by token by the LM itself, on right-padded rows and on left-padded rows with a mask
-    (PPO's rollouts); the value model built from it (head given) has no LM head and scores v_last."""
+    """An RM with score_logprob, from an LM: r = v_last + g * mean log p(response token), the
+    log-probs computed token by token by the LM itself, on right-padded rows and on left-padded rows
+    with a mask (PPO's rollouts); the value model built from it (head given) has no LM head and
+    scores v_last."""
     lm = tiny_model(seed=3)
     rm = GPT(GPTConfig(**TINY, head="scalar", score_logprob=True))
     load_lm_into(rm, lm.state_dict())
@@ -232,7 +233,8 @@ def test_score_logprob_rm_is_last_value_plus_gain_times_mean_response_logprob():
     with torch.no_grad():
         got = rm.score(idx, last + shift, attention_mask=mask, first=torch.tensor(firsts) + shift)
     torch.testing.assert_close(got, torch.tensor(expected), atol=1e-4, rtol=1e-4)
-    value_model = model_from_checkpoint({"model": rm.state_dict(), "model_config": vars(rm.config)}, head="scalar")
+    rm_ckpt = {"model": rm.state_dict(), "model_config": vars(rm.config)}
+    value_model = model_from_checkpoint(rm_ckpt, head="scalar")
     assert not hasattr(value_model, "lm_head") and not value_model.config.score_logprob
     with torch.no_grad():
         torch.testing.assert_close(value_model(right)[0], rm(right)[0])

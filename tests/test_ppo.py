@@ -243,16 +243,18 @@ def test_gold_reward_scores_the_decoded_responses_by_the_gold_judge():
 
 
 def test_rm_scores_of_rollouts_equal_scores_of_the_unpadded_pairs():
-    """Step 2 with a learnt RM (here one with score_logprob, which also reads where each response starts):
-    the score of each left-padded rollout equals sampling.score_responses on its own (query, response)."""
+    """Step 2 with a learnt RM (here one with score_logprob, which also reads where each response
+    starts): the score of each left-padded rollout equals sampling.score_responses on its own
+    (query, response)."""
     import ppo
     from sampling import score_responses
     prompts = ["Add 2 and 3.", "Reverse the word stone.", "Add 4 and 4."]
     responses = ["2 plus 3 is 5.", "enots.", "4 plus 4 is 9, which is even."]
     ro, tok = byte_rollouts(prompts, responses, [True, True, True])
     torch.manual_seed(0)
-    rm = GPT(GPTConfig(block_size=128, vocab_size=tok.n_vocab, n_layer=1, n_head=2, n_embd=32, head="scalar",
-                       score_logprob=True)).eval()
+    config = GPTConfig(block_size=128, vocab_size=tok.n_vocab, n_layer=1, n_head=2, n_embd=32,
+                       head="scalar", score_logprob=True)
+    rm = GPT(config).eval()
     d = SimpleNamespace(autocast=lambda: torch.autocast("cpu", enabled=False))
     scores = ppo.score(rm, ro, prompts, tok, SimpleNamespace(unended_score=-3.0), d)
     queries = [ro.seq[b, :ro.n_query][ro.query_mask[b].bool()].tolist() for b in range(3)]

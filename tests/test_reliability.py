@@ -566,9 +566,9 @@ def test_an_export_loads_back_with_its_own_tokenizer(tmp_path, monkeypatch, caps
 
 
 def test_disk_full_during_a_save_is_one_line_and_leaves_no_partial_file(tmp_path, monkeypatch, capsys):
-    """A write that fails (ENOSPC) inside torch.save surfaces as torch's RuntimeError about zip offsets;
-    the project reports the file and what to do, exit code 2, and leaves neither a checkpoint nor a temporary
-    file behind."""
+    """A write that fails (ENOSPC) inside torch.save surfaces as torch's RuntimeError about zip
+    offsets; the project reports the file and what to do, exit code 2, and leaves neither a
+    checkpoint nor a temporary file behind."""
     import errno
     import data.formats
     real_fdopen = os.fdopen

@@ -143,30 +143,31 @@ def test_pretrain_sft_rm_end_to_end_through_the_command_lines(tmp_path):
 
 
 def test_rm_with_score_logprob_trains_normalises_and_drives_ppo(tmp_path):
-    """reward.py --score-logprob from an SFT checkpoint: the RM keeps its LM head, the demonstrations score
-    0 +- 1 after normalisation (gain included), and ppo.py trains against it with a value model that has
-    the scalar head only."""
+    """reward.py --score-logprob from an SFT checkpoint: the RM keeps its LM head, the
+    demonstrations score 0 +- 1 after normalisation (gain included), and ppo.py trains against it
+    with a value model that has the scalar head only."""
     write_tiny_data(tmp_path)
     torch.manual_seed(0)
-    config = GPTConfig(block_size=64, vocab_size=get_tokenizer("byte").n_vocab, n_layer=1, n_head=2, n_embd=32)
+    tok = get_tokenizer("byte")
+    config = GPTConfig(block_size=64, vocab_size=tok.n_vocab, n_layer=1, n_head=2, n_embd=32)
     save_checkpoint(tmp_path / "sft.pt", GPT(config), {}, tokenizer="byte")
-    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"Reverse the word {w}."}) + "\n"
-                                                    for w in ("stone", "apple", "river", "cloud")))
-    run([str(ROOT / "reward.py"), "--init", "sft.pt", "--data", "rank.jsonl", "--demo-data", "sft.jsonl",
-         "--score-logprob", "--out-dir", "rm", "--max-iters", "3", "--batch-size", "4", "--micro-batch-size", "2",
-         "--device", "cpu"], tmp_path)
+    words = ("stone", "apple", "river", "cloud")
+    lines = "".join(json.dumps({"prompt": f"Reverse the word {w}."}) + "\n" for w in words)
+    (tmp_path / "prompts.jsonl").write_text(lines)
+    run([str(ROOT / "reward.py"), "--init", "sft.pt", "--data", "rank.jsonl", "--demo-data",
+         "sft.jsonl", "--score-logprob", "--out-dir", "rm", "--max-iters", "3", "--batch-size", "4",
+         "--micro-batch-size", "2", "--device", "cpu"], tmp_path)
     rm_ckpt = load_checkpoint(tmp_path / "rm" / "ckpt.pt")
     assert rm_ckpt["model_config"]["score_logprob"] and "lm_head.weight" in rm_ckpt["model"]
     rm = model_from_checkpoint(rm_ckpt).eval()
-    tok = get_tokenizer("byte")
     demos = [encode_chat(tok, json.loads(line)["prompt"], json.loads(line)["response"])
              for line in open(tmp_path / "sft.jsonl")]
     with torch.no_grad():
         scores = torch.tensor(score_responses(rm, [q for q, _ in demos], [r for _, r in demos], 8))
     assert abs(scores.mean().item()) < 1e-4 and scores.std().item() == pytest.approx(1.0, abs=1e-4)
-    run([str(ROOT / "ppo.py"), "--sft", "sft.pt", "--rm", "rm/ckpt.pt", "--prompts", "prompts.jsonl", "--out-dir",
-         "ppo", "--total-episodes", "8", "--batch-size", "4", "--minibatch-size", "2", "--max-new-tokens", "8",
-         "--device", "cpu"], tmp_path)
+    run([str(ROOT / "ppo.py"), "--sft", "sft.pt", "--rm", "rm/ckpt.pt", "--prompts",
+         "prompts.jsonl", "--out-dir", "ppo", "--total-episodes", "8", "--batch-size", "4",
+         "--minibatch-size", "2", "--max-new-tokens", "8", "--device", "cpu"], tmp_path)
     ppo = load_checkpoint(tmp_path / "ppo" / "ckpt.pt")
     assert ppo["iter"] == 2 and not any(k.startswith("lm_head") for k in ppo["value_model"])
 
@@ -178,9 +179,9 @@ def test_bad_config_is_a_one_line_error(tmp_path):
 
 
 def test_quick_pipeline_end_to_end(tmp_path):
-    """QUICK=1 bash train.sh: every stage through its real command line, ending in a complete report; then
-    FORCE=sft with ALGOS: the stages made from SFT rerun, the alternatives to PPO trained and reported;
-    then a run that finds every stage finished."""
+    """QUICK=1 bash train.sh: every stage through its real command line, ending in a complete
+    report; then FORCE=sft with ALGOS: the stages made from SFT rerun, the alternatives to PPO
+    trained and reported; then a run that finds every stage finished."""
     env = {**os.environ, "QUICK": "1", "RUNS": str(tmp_path), "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}
     res = subprocess.run(["bash", str(ROOT / "train.sh")], env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
@@ -197,18 +198,21 @@ def test_quick_pipeline_end_to_end(tmp_path):
     bad = subprocess.run(["bash", str(ROOT / "train.sh")], env={**env, "ALGOS": "dpo ppo"}, capture_output=True,
                          text=True, timeout=60)
     assert bad.returncode == 2 and "unknown algorithm 'ppo'" in bad.stderr
-    # SFT again (FORCE=sft; a new seed, so a new model) and the alternatives to PPO: every stage made from
-    # SFT reruns, the world and pretraining do not, DPO, GRPO and RLOO are trained and evaluated too, and
-    # the report names the checkpoints it evaluated
-    again = subprocess.run(["bash", str(ROOT / "train.sh")], capture_output=True, text=True, timeout=600,
-                           env={**env, "ALGOS": " ".join(algos), "FORCE": "sft", "SFT_ARGS": "--seed 5"})
+    # SFT again (FORCE=sft; a new seed, so a new model) and the alternatives to PPO: every stage
+    # made from SFT reruns, the world and pretraining do not, DPO, GRPO and RLOO are trained and
+    # evaluated too, and the report names the checkpoints it evaluated
+    again_env = {**env, "ALGOS": " ".join(algos), "FORCE": "sft", "SFT_ARGS": "--seed 5"}
+    again = subprocess.run(["bash", str(ROOT / "train.sh")], capture_output=True, text=True,
+                           timeout=600, env=again_env)
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     skipped = re.findall(r"^== (.+?): \S+ exists, skipped$", again.stdout, re.M)
     rerun = re.findall(r"^== (.+?): rerun: (.+) changed since", again.stdout, re.M)
     assert skipped == ["world", "pretrain"], again.stdout
-    assert {name for name, _ in rerun} == {f"{step} ({split})" for step in ("collect SFT samples", "labelers rank")
-                                           for split in ("train", "val")} | {
-        "reward model", "ppo", "ppo-ptx", "ppo-gold"}, again.stdout  # evaluation: rerun for ALGOS' rows anyway
+    ranking_stages = {f"{step} ({split})" for step in ("collect SFT samples", "labelers rank")
+                      for split in ("train", "val")}
+    # evaluation: rerun for ALGOS' rows anyway
+    expected_reruns = ranking_stages | {"reward model", "ppo", "ppo-ptx", "ppo-gold"}
+    assert {name for name, _ in rerun} == expected_reruns, again.stdout
     assert "== evaluate done" in again.stdout
     assert dict(rerun)["reward model"].split() == ["sft/ckpt.pt", "rankings/rm_train.jsonl",
                                                   "rankings/rankings_val.jsonl"]  # under RUNS
@@ -221,5 +225,5 @@ def test_quick_pipeline_end_to_end(tmp_path):
     # a third run finds every stage finished and made from the files it would read now: nothing runs
     third = subprocess.run(["bash", str(ROOT / "train.sh")], env={**env, "ALGOS": " ".join(algos)},
                            capture_output=True, text=True, timeout=300)
-    assert third.returncode == 0 and third.stdout.count(", skipped") == 15 and "rerun" not in third.stdout, \
-        third.stdout[-2000:] + third.stderr[-2000:]
+    nothing_ran = third.stdout.count(", skipped") == 15 and "rerun" not in third.stdout
+    assert third.returncode == 0 and nothing_ran, third.stdout[-2000:] + third.stderr[-2000:]
