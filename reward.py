@@ -46,6 +46,7 @@ class RewardConfig(RunConfig):
     demo_data: str | None = None  # demonstrations (SFT JSONL) whose mean score is set to 0 after training
     seq_len: int = 256  # longest prompt + response, in tokens
     score_logprob: bool = False  # r also adds g x the response's mean log-prob (deviation; README)
+    freeze_trunk: bool = False  # train the scalar head (and g) only: the trunk and LM head stay SFT's
     epochs: float = 1.0  # passes over the rankings (the paper: 1)
     max_iters: int = 0  # optimiser steps; 0 = derived from epochs
     batch_size: int = 64  # prompts per optimiser step, over all processes (the paper: 64)
@@ -199,6 +200,9 @@ def main():
     set_seed(cfg.seed)
     init = f"{cfg.out_dir}/ckpt.pt" if cfg.resume else cfg.init  # --resume: the interrupted run's RM
     tokenizer, model, ckpt = load_model(init, "scalar", cfg.dropout, None, cfg.score_logprob)
+    if cfg.freeze_trunk:  # a deviation: the RM reads SFT's features and, with --score-logprob, its likelihood
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith("score_head.") or name == "logprob_gain")
     tok = get_tokenizer(tokenizer)
     seq_len = min(cfg.seq_len, model.config.block_size)
     model, ddp_model = prepare_model(model, cfg, d)

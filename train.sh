@@ -151,7 +151,7 @@ if [[ $QUICK == 1 ]]; then
   PRETRAIN=(--max-iters 30 --batch-size 16 --micro-batch-size 16)
   SFT=(--max-iters 30 --batch-size 16 --micro-batch-size 16)
   RANK_PROMPTS=(--max-prompts 40 --max-new-tokens 64)
-  RM=(--max-iters 10 --batch-size 8 --micro-batch-size 8 --score-logprob)
+  RM=(--max-iters 10 --batch-size 8 --micro-batch-size 8 --score-logprob --freeze-trunk)
   PPO=(--total-episodes 64 --batch-size 16 --minibatch-size 8 --ppo-epochs 1 --max-new-tokens 64 --sample-interval 1000)
   PPO_GOLD=("${PPO[@]}")
   DPO=(--max-iters 10 --batch-size 8 --micro-batch-size 8)
@@ -165,11 +165,12 @@ else
   PRETRAIN=(--epochs 4 --batch-size 64 --micro-batch-size 64 --lr 2e-3 --warmup-iters 20)
   SFT=(--epochs 3 --batch-size 32 --micro-batch-size 32 --lr 1e-3)
   RANK_PROMPTS=()
-  # --score-logprob: the RM adds g x the response's mean log-probability under its own LM head to
-  # the paper's last-token score (a deviation: README, "An RM that reads the answer");
-  # RM_ARGS=--no-score-logprob gives the paper's RM
+  # The RM reads SFT: --score-logprob adds g x the response's mean log-probability under SFT's LM
+  # head to the paper's last-token score, and --freeze-trunk trains the scalar head and g only, so
+  # that likelihood stays SFT's (deviations: README, "An RM that reads the answer");
+  # RM_ARGS="--no-score-logprob --no-freeze-trunk" gives the paper's RM
   RM=(--epochs 1.5 --batch-size 32 --micro-batch-size 16 --lr 1e-4 --eval-interval 1000
-      --score-logprob)
+      --score-logprob --freeze-trunk)
   # RL trains the policy's LayerNorms only (--rl-params norms, about 2K parameters) at a large learning rate
   # and 4 passes over each batch: with 64 episodes per iteration, the whole-model step either learns nothing
   # (lr 1e-5) or breaks SFT (1e-4); see "Why RL barely moves a policy" in the README.

@@ -165,6 +165,16 @@ def test_rm_with_score_logprob_trains_normalises_and_drives_ppo(tmp_path):
     with torch.no_grad():
         scores = torch.tensor(score_responses(rm, [q for q, _ in demos], [r for _, r in demos], 8))
     assert abs(scores.mean().item()) < 1e-4 and scores.std().item() == pytest.approx(1.0, abs=1e-4)
+    # --freeze-trunk: the scalar head and g train, the trunk and the LM head it reads stay SFT's
+    run([str(ROOT / "reward.py"), "--init", "sft.pt", "--data", "rank.jsonl", "--demo-data",
+         "sft.jsonl", "--score-logprob", "--freeze-trunk", "--out-dir", "rm_frozen", "--max-iters",
+         "3", "--batch-size", "4", "--micro-batch-size", "2", "--lr", "1e-2", "--device", "cpu"],
+        tmp_path)
+    sft = load_checkpoint(tmp_path / "sft.pt")["model"]
+    frozen = load_checkpoint(tmp_path / "rm_frozen" / "ckpt.pt")["model"]
+    trunk = [k for k in sft if k.startswith(("transformer.", "lm_head."))]
+    assert all(torch.equal(frozen[k], sft[k]) for k in trunk)
+    assert not all(torch.equal(rm_ckpt["model"][k], sft[k]) for k in trunk)  # unfrozen, it trains
     run([str(ROOT / "ppo.py"), "--sft", "sft.pt", "--rm", "rm/ckpt.pt", "--prompts",
          "prompts.jsonl", "--out-dir", "ppo", "--total-episodes", "8", "--batch-size", "4",
          "--minibatch-size", "2", "--max-new-tokens", "8", "--device", "cpu"], tmp_path)
@@ -191,8 +201,11 @@ def test_quick_pipeline_end_to_end(tmp_path):
     assert list(report["models"]) == [m for m in MODELS if m not in ["base_prompted", *algos]]  # no few-shot base
     for m in report["models"].values():
         assert math.isfinite(m["win_rate_vs_sft"]) and len(m["win_rate_ci"]) == 2 and math.isfinite(m["kl_vs_sft"])
-    # train.sh's RM reads the response's likelihood too (reward.py --score-logprob)
-    assert load_checkpoint(tmp_path / "rm" / "ckpt.pt")["model_config"]["score_logprob"]
+    # train.sh's RM reads the response's likelihood too (reward.py --score-logprob), under SFT's own
+    # trunk and LM head (--freeze-trunk)
+    rm_ckpt, sft = load_checkpoint(tmp_path / "rm" / "ckpt.pt"), load_checkpoint(tmp_path / "sft" / "ckpt.pt")
+    assert rm_ckpt["model_config"]["score_logprob"]
+    assert all(torch.equal(rm_ckpt["model"][k], w) for k, w in sft["model"].items())
     for stage in ("base", "sft", "rm", "ppo", "ppo_ptx"):  # the training curves of every stage
         assert (tmp_path / stage / "curves.txt").read_text().count("\n") > 5
     bad = subprocess.run(["bash", str(ROOT / "train.sh")], env={**env, "ALGOS": "dpo ppo"}, capture_output=True,
