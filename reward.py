@@ -46,7 +46,7 @@ class RewardConfig(RunConfig):
     demo_data: str | None = None  # demonstrations (SFT JSONL) whose mean score is set to 0 after training
     seq_len: int = 256  # longest prompt + response, in tokens
     score_logprob: bool = False  # r also adds g x the response's mean log-prob (deviation; README)
-    freeze_trunk: bool = False  # train the scalar head (and g) only: the trunk and LM head stay SFT's
+    freeze_trunk: bool = False  # train the scalar head and g only; trunk and LM head stay SFT's
     epochs: float = 1.0  # passes over the rankings (the paper: 1)
     max_iters: int = 0  # optimiser steps; 0 = derived from epochs
     batch_size: int = 64  # prompts per optimiser step, over all processes (the paper: 64)
@@ -200,7 +200,8 @@ def main():
     set_seed(cfg.seed)
     init = f"{cfg.out_dir}/ckpt.pt" if cfg.resume else cfg.init  # --resume: the interrupted run's RM
     tokenizer, model, ckpt = load_model(init, "scalar", cfg.dropout, None, cfg.score_logprob)
-    if cfg.freeze_trunk:  # a deviation: the RM reads SFT's features and, with --score-logprob, its likelihood
+    # --freeze-trunk (a deviation): the RM reads SFT's features and (--score-logprob) its likelihood
+    if cfg.freeze_trunk:
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith("score_head.") or name == "logprob_gain")
     tok = get_tokenizer(tokenizer)

@@ -154,9 +154,10 @@ def test_rm_with_score_logprob_trains_normalises_and_drives_ppo(tmp_path):
     words = ("stone", "apple", "river", "cloud")
     lines = "".join(json.dumps({"prompt": f"Reverse the word {w}."}) + "\n" for w in words)
     (tmp_path / "prompts.jsonl").write_text(lines)
-    run([str(ROOT / "reward.py"), "--init", "sft.pt", "--data", "rank.jsonl", "--demo-data",
-         "sft.jsonl", "--score-logprob", "--out-dir", "rm", "--max-iters", "3", "--batch-size", "4",
-         "--micro-batch-size", "2", "--device", "cpu"], tmp_path)
+    rm_args = [str(ROOT / "reward.py"), "--init", "sft.pt", "--data", "rank.jsonl", "--demo-data",
+               "sft.jsonl", "--score-logprob", "--max-iters", "3", "--batch-size", "4",
+               "--micro-batch-size", "2", "--device", "cpu"]
+    run([*rm_args, "--out-dir", "rm"], tmp_path)
     rm_ckpt = load_checkpoint(tmp_path / "rm" / "ckpt.pt")
     assert rm_ckpt["model_config"]["score_logprob"] and "lm_head.weight" in rm_ckpt["model"]
     rm = model_from_checkpoint(rm_ckpt).eval()
@@ -166,10 +167,7 @@ def test_rm_with_score_logprob_trains_normalises_and_drives_ppo(tmp_path):
         scores = torch.tensor(score_responses(rm, [q for q, _ in demos], [r for _, r in demos], 8))
     assert abs(scores.mean().item()) < 1e-4 and scores.std().item() == pytest.approx(1.0, abs=1e-4)
     # --freeze-trunk: the scalar head and g train, the trunk and the LM head it reads stay SFT's
-    run([str(ROOT / "reward.py"), "--init", "sft.pt", "--data", "rank.jsonl", "--demo-data",
-         "sft.jsonl", "--score-logprob", "--freeze-trunk", "--out-dir", "rm_frozen", "--max-iters",
-         "3", "--batch-size", "4", "--micro-batch-size", "2", "--lr", "1e-2", "--device", "cpu"],
-        tmp_path)
+    run([*rm_args, "--freeze-trunk", "--out-dir", "rm_frozen", "--lr", "1e-2"], tmp_path)
     sft = load_checkpoint(tmp_path / "sft.pt")["model"]
     frozen = load_checkpoint(tmp_path / "rm_frozen" / "ckpt.pt")["model"]
     trunk = [k for k in sft if k.startswith(("transformer.", "lm_head."))]
@@ -203,7 +201,8 @@ def test_quick_pipeline_end_to_end(tmp_path):
         assert math.isfinite(m["win_rate_vs_sft"]) and len(m["win_rate_ci"]) == 2 and math.isfinite(m["kl_vs_sft"])
     # train.sh's RM reads the response's likelihood too (reward.py --score-logprob), under SFT's own
     # trunk and LM head (--freeze-trunk)
-    rm_ckpt, sft = load_checkpoint(tmp_path / "rm" / "ckpt.pt"), load_checkpoint(tmp_path / "sft" / "ckpt.pt")
+    rm_ckpt = load_checkpoint(tmp_path / "rm" / "ckpt.pt")
+    sft = load_checkpoint(tmp_path / "sft" / "ckpt.pt")
     assert rm_ckpt["model_config"]["score_logprob"]
     assert all(torch.equal(rm_ckpt["model"][k], w) for k, w in sft["model"].items())
     for stage in ("base", "sft", "rm", "ppo", "ppo_ptx"):  # the training curves of every stage
