@@ -15,7 +15,7 @@ in ONE batch element, each response forwarded once per model, as reward.py does 
     torchrun --nproc_per_node=4 dpo.py --sft runs/sft/ckpt.pt ...                     # GPUs
     python dpo.py ... --resume    # after Ctrl-C (which saves) or a crash: continue from out_dir/ckpt.pt
 
-out_dir/ckpt.pt is a policy checkpoint like PPO's (sampling.load_policy loads it: sample.py, chat.py). Pairwise
+out_dir/ckpt.pt is a policy checkpoint like PPO's (sampling.load_policy loads it: tools/sample.py, tools/chat.py). Pairwise
 data ({"prompt","chosen","rejected"} or HH-RLHF transcripts) is K = 2.
 Deviations from the DPO paper: it trains on pairs; here a K-wise ranking is all its C(K,2) pairs (not its
 Plackett-Luce form, appendix A.3), the loss per prompt is the mean over its pairs (a prompt weighs the same
@@ -34,13 +34,14 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
-from common import Dist, RunConfig, RunLog, cosine_lr, load_model, prepare_model, save_checkpoint, set_seed
-from config import cli, parse_config
 from data.batches import describe_rankings, encode_rankings, pad_right, shuffled_indices
 from data.tokenizer import get_tokenizer
+from lib.common import (Dist, RunConfig, RunLog, cosine_lr, load_model, prepare_model,
+                        save_checkpoint, set_seed)
+from lib.config import cli, parse_config
+from lib.reliability import Interrupt, NonFiniteGuard, preflight, resume_training, training_state
+from lib.weights import GPT2_NAMES
 from model import logprobs_from_logits
-from reliability import Interrupt, NonFiniteGuard, preflight, resume_training, training_state
-from weights import GPT2_NAMES
 
 
 @dataclass
@@ -202,13 +203,13 @@ def main():
     if not train:
         raise ValueError(f"--data {cfg.data}: no ranking fits in --seq-len {seq_len} tokens")
     max_iters = cfg.max_iters or max(1, round(cfg.epochs * len(train) / cfg.batch_size))
-    # the SFT model's longest demonstration: evaluate.py and sample.py check that they let the policy say that much
+    # the SFT model's longest demonstration: evaluate.py and tools/sample.py check that they let the policy say that much
     longest = {k: v for k, v in (sft_ckpt or {}).items() if k == "max_response_tokens"}
     if d.master:
         print(f"DPO: {describe_rankings(train)}, {max_iters} steps, device {d.device}")
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), d.device_type)
 
-    # -- plumbing (skip on a first read): --resume, periodic saves, Ctrl-C, non-finite steps; see reliability.py
+    # -- plumbing (skip on a first read): --resume, periodic saves, Ctrl-C, non-finite steps; see lib/reliability.py
     # opened only now that inputs and models have loaded: a failed fresh start keeps the old log
     log = RunLog(cfg.out_dir, enabled=d.master, resume=cfg.resume)
     start = resume_training(ckpt, cfg, max_iters, d, log, [optimizer]) if cfg.resume else 0

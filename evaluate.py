@@ -78,16 +78,17 @@ from pathlib import Path
 
 import torch
 
-from common import (autodetect_device, check_max_new_tokens, check_ranges, load_checkpoint,
-                    model_from_checkpoint)
-from config import cli, parse_config
 from data.batches import pad_left
 from data.formats import encode_chat, load_prompts, load_sft, load_text, write_jsonl, write_text
 from data.judge import assess, by_family, gold_score, judge_pair
 from data.tokenizer import get_tokenizer
 from data.world import FAMILIES, REFUSAL, gold_answer, is_false_premise, parse_prompt, wrong_answer
-from sampling import (UNENDED_SCORE, decode_response, encode_queries, load_policy, make_generator, sample_responses,
-                      score_responses, unended_rule)
+from lib.common import (autodetect_device, check_max_new_tokens, check_ranges, load_checkpoint,
+                        model_from_checkpoint)
+from lib.config import cli, parse_config
+from lib.sampling import (UNENDED_SCORE, decode_response, encode_queries, load_policy,
+                          make_generator, sample_responses, score_responses, unended_rule)
+from tools.plot import plot_win_rates
 
 MODELS = ("base", "base_prompted", "constant", "family_constant", "sft_greedy", "sft", "ppo", "ppo_ptx", "ppo_gold",
           "dpo", "grpo", "rloo", "best_of_n")  # the report's order
@@ -441,96 +442,7 @@ def markdown_table(report):
     return "\n".join(lines) + "\n"
 
 
-def text_chart(report, width=40):
-    """Win rates as bars of '#', with '|' at 0.5 and the CI in brackets; accuracies likewise."""
-    lines = [f"win rate vs SFT (judge: {report['config']['judge']}), '|' marks 0.5"]
-    pad = max(len(n) for n in report["models"])
-    for name, m in report["models"].items():
-        bar = list("#" * round(m["win_rate_vs_sft"] * width) + " " * width)[:width]
-        bar[width // 2] = "|"
-        lines.append(f"{name:<{pad}} {''.join(bar)} {_ci(m['win_rate_vs_sft'], m['win_rate_ci'])}")
-    if any(m["accuracy"] is not None for m in report["models"].values()):
-        lines.append("accuracy")
-        for name, m in report["models"].items():
-            if m["accuracy"] is not None:
-                lines.append(f"{name:<{pad}} {'#' * round(m['accuracy'] * width):<{width}} "
-                             f"{_ci(m['accuracy'], m['accuracy_ci'])}")
-    return "\n".join(lines) + "\n"
-
-
-def plot_win_rates(report, out_dir):
-    """Figure 1's analogue: win rate against SFT per model, 95% CI bars, 0.5 dashed; next to it the
-    accuracy of each model and baseline (with the gold judge). Returns the file."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        chart = text_chart(report)
-        print(chart)
-        write_text(out_dir / "winrate.txt", chart)
-        return out_dir / "winrate.txt"
-    models = report["models"]
-    panels = [("win_rate_vs_sft", "win_rate_ci", "win rate against SFT")]
-    if any(m["accuracy"] is not None for m in models.values()):
-        panels.append(("accuracy", "accuracy_ci", "accuracy (gold content)"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(len(panels) * (0.9 * len(models) + 2), 4), squeeze=False)
-    for ax, (key, ci, label) in zip(axes[0], panels):
-        names = [n for n in models if models[n][key] is not None]
-        values = [models[n][key] for n in names]
-        err = [[v - models[n][ci][0] for n, v in zip(names, values)],
-               [models[n][ci][1] - v for n, v in zip(names, values)]]  # (2, n_models)
-        ax.errorbar(range(len(names)), values, yerr=err, fmt="o", capsize=4)
-        if key == "win_rate_vs_sft":
-            ax.axhline(0.5, linestyle="--", color="gray")
-        ax.set_xticks(range(len(names)), names, rotation=35, ha="right")
-        ax.set_xlim(-0.5, len(names) - 0.5)
-        ax.set_ylim(0, 1)
-        ax.set_ylabel(label)
-    fig.suptitle(f"{report['n_prompts']} held-out prompts, judge: {report['config']['judge']}, 95% CI")
-    fig.tight_layout()
-    fig.savefig(out_dir / "winrate.png", dpi=120)
-    plt.close(fig)
-    return out_dir / "winrate.png"
-
-
-@dataclass
-class SeedsConfig:
-    report: list[str]  # report.json of each run (runs/seed0/eval/report.json ...), two or more
-
-
-def summarise_seeds(paths):
-    """Mean and spread over runs with different seeds: the table of `bash train.sh seeds`."""
-    reports = [json.loads(Path(p).read_text()) for p in paths]
-    keys = ("win_rate_vs_sft", "gold_score", "accuracy", "kl_vs_sft")
-    lines = [f"Over {len(reports)} seeds ({', '.join(str(r['config']['seed']) for r in reports)}): mean +- standard "
-             "deviation [min, max]", "", "| model | " + " | ".join(k.replace("_", " ") for k in keys) + " |",
-             "|---|" + "---|" * len(keys)]
-    for name in MODELS:
-        runs = [r["models"][name] for r in reports if name in r["models"]]
-        if len(runs) < len(reports):
-            continue
-        cells = []
-        for k in keys:
-            v = [m[k] for m in runs]
-            if any(x is None for x in v):
-                cells.append("-")
-                continue
-            mean = sum(v) / len(v)
-            std = math.sqrt(sum((x - mean) ** 2 for x in v) / max(1, len(v) - 1))
-            cells.append(f"{mean:.3f} +- {std:.3f} [{min(v):.3f}, {max(v):.3f}]")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
 def main():
-    # python evaluate.py seeds REPORT.json ...: the mean and spread of several runs' reports
-    if sys.argv[1:2] == ["seeds"]:
-        reports = parse_config(SeedsConfig, sys.argv[2:], prog="python evaluate.py seeds").report
-        if len(reports) < 2:
-            raise ValueError("evaluate.py seeds needs two or more report.json files (runs/seed0/eval/report.json ...)")
-        print(summarise_seeds(reports), end="")
-        return
     # -- config and setup
     cfg = parse_config(EvalConfig)
     device = autodetect_device() if cfg.device == "auto" else cfg.device

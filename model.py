@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from weights import GPT2_NAMES, download_gpt2, read_safetensors
+from lib.weights import GPT2_NAMES, download_gpt2, read_safetensors
 
 
 @dataclass
@@ -267,7 +267,7 @@ class GPT(nn.Module):
         rows = (row_ids (B,), n_rows): this batch is the rows row_ids of a batch of n_rows split over processes;
         each step draws the random numbers of all n_rows rows from `generator` and uses its own, so every row
         samples exactly what it would in the whole batch on one process. streamer, when given, is called
-        after each step with the (B,) tokens just sampled (pad for finished rows): chat.py prints them."""
+        after each step with the (B,) tokens just sampled (pad for finished rows): tools/chat.py prints them."""
         B, T = idx.shape
         assert T + max_new_tokens <= self.config.block_size, "prompt + max_new_tokens > block_size"
         mask = attention_mask if attention_mask is not None else torch.ones_like(idx)

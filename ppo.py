@@ -39,17 +39,17 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (Dist, RunConfig, RunLog, atomic_copy, load_rl_models, save_checkpoint, set_seed,
-                    update_ema)
-from config import cli, parse_config
 from data.batches import pad_left, shuffled_indices, text_windows
 from data.formats import load_prompts, load_text
-from model import forward_response, value_of_response
-from reliability import Interrupt, NonFiniteGuard, preflight, resume_training, training_state
 from data.judge import assess, gold_reward
 from data.world import parse_prompt
-from sampling import (UNENDED_SCORE, decode_response, encode_queries, make_generator, sample_responses, sample_table,
-                      score_responses, unended_rule)
+from lib.common import (Dist, RunConfig, RunLog, atomic_copy, load_rl_models, save_checkpoint,
+                        set_seed, update_ema)
+from lib.config import cli, parse_config
+from lib.reliability import Interrupt, NonFiniteGuard, preflight, resume_training, training_state
+from lib.sampling import (UNENDED_SCORE, decode_response, encode_queries, make_generator,
+                          sample_responses, sample_table, score_responses, unended_rule)
+from model import forward_response, value_of_response
 
 
 @dataclass
@@ -66,7 +66,7 @@ class PPOConfig(RunConfig):
     batch_size: int = 64  # rollouts per iteration, over all processes (paper 512)
     minibatch_size: int = 16  # rollouts per gradient step (paper 64)
     ppo_epochs: int = 2  # passes over each batch of rollouts (paper 1)
-    max_new_tokens: int = 128  # longest response (as sample.py and evaluate.py; at least the longest demonstration)
+    max_new_tokens: int = 128  # longest response (as tools/sample.py and evaluate.py; at least the longest demonstration)
     temperature: float = 1.0  # sampling temperature; log-probs are recomputed at the same temperature
     lr: float = 1e-5  # policy learning rate (constant after warmup, as the paper; 5e-5 drifts, see README)
     vf_lr: float = 1e-4  # value model learning rate
@@ -79,7 +79,7 @@ class PPOConfig(RunConfig):
     lam: float = 0.95  # GAE lambda
     cliprange: float = 0.2  # PPO ratio clip (paper 0.2)
     cliprange_value: float = 0.2  # value clip around the rollout's value estimate
-    unended_score: float = UNENDED_SCORE  # the score of a response that never emitted end-of-text (sampling.py)
+    unended_score: float = UNENDED_SCORE  # the score of a response that never emitted end-of-text (lib/sampling.py)
     grad_clip: float = 1.0  # clip each model's gradient norm; 0 = off
     advantage: str = "gae"  # gae: a value model and GAE (PPO); grpo or rloo: a group baseline, no value model
     group_size: int = 4  # grpo / rloo: samples per prompt (G); each iteration has batch_size / G prompts
@@ -190,7 +190,7 @@ def old_logprobs_and_values(policy, ref_policy, value_model, ro, cfg, d):
     return logprobs, ref_logprobs, values, exact_kl, entropy
 
 
-# exercise: kl_rewards
+# exercise: compute_rewards
 def compute_rewards(scores, logprobs, ref_logprobs, mask, kl_coef):
     """Step 3: per-token rewards of the objective, the KL penalty at every response token and the RM score
     added at the last one:
@@ -206,7 +206,7 @@ def compute_rewards(scores, logprobs, ref_logprobs, mask, kl_coef):
     return rewards, kl, non_score_reward
 
 
-# exercise: gae
+# exercise: compute_gae
 def compute_gae(rewards, values, mask, gamma, lam):
     """Step 4: generalised advantage estimation over the response tokens (Schulman et al. 2016), from the
     last token back to the first:
@@ -369,19 +369,14 @@ def logprob_change(policy, ro, old_logprobs, advantages, cfg, d):
             "logprob_change_neg": (sums[2] / sums[3].clamp(min=1)).item()}
 
 
-class AdaptiveKLController:
-    """kl_coef that follows the measured KL towards a target (Ziegler et al. 2019, section 2.2)."""
-
-    def __init__(self, kl_coef, target, horizon):
-        self.kl_coef, self.target, self.horizon = kl_coef, target, horizon
-
-    # exercise: adaptive_kl
-    def update(self, kl, n_episodes):
-        """After an iteration of n_episodes with mean KL per response `kl` (nats):
-            error   = clip(kl / target - 1, -0.2, 0.2)
-            kl_coef = kl_coef * (1 + error * n_episodes / horizon)"""
-        error = max(-0.2, min(0.2, kl / self.target - 1))
-        self.kl_coef *= 1 + error * n_episodes / self.horizon
+# exercise: adaptive_kl_coef
+def adaptive_kl_coef(kl_coef, kl, kl_target, kl_horizon, n_episodes):
+    """kl_coef that follows the measured KL towards a target (Ziegler et al. 2019, section 2.2): after an
+    iteration of n_episodes whose mean KL per response is `kl` (nats), the new kl_coef is
+        error   = clip(kl / kl_target - 1, -0.2, 0.2)
+        kl_coef = kl_coef * (1 + error * n_episodes / kl_horizon)"""
+    error = max(-0.2, min(0.2, kl / kl_target - 1))
+    return kl_coef * (1 + error * n_episodes / kl_horizon)
 
 
 # --- plumbing of the loop (skip on a first read) ----------------------------------------------------------------
@@ -457,17 +452,17 @@ def main():
                          "world; the gold judge knows only those")
     optimizers = [torch.optim.AdamW(m.parameters(), lr=lr, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.0)
                   for m, lr in ((policy, cfg.lr), (value_model, cfg.vf_lr)) if m is not None]  # own lrs (C.4)
-    kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl else None
+    kl_coef = cfg.kl_coef  # changes only with --adaptive-kl
     n_iters = cfg.total_episodes // cfg.batch_size
     G = 1 if cfg.advantage == "gae" else cfg.group_size  # samples per prompt in a batch
     sample_gen = torch.Generator(device=d.device if d.device_type == "cuda" else "cpu").manual_seed(cfg.seed)
 
-    # -- plumbing (skip on a first read): --resume, saves, Ctrl-C, non-finite steps; see reliability.py
+    # -- plumbing (skip on a first read): --resume, saves, Ctrl-C, non-finite steps; see lib/reliability.py
     # opened only now that inputs and models have loaded: a failed fresh start keeps the old log
     log = RunLog(cfg.out_dir, enabled=d.master, resume=cfg.resume)
     start = resume_training(resumed, cfg, n_iters, d, log, optimizers, [sample_gen]) if cfg.resume else 0
-    if cfg.resume and kl_ctl is not None:  # where the adaptive kl_coef had got to
-        kl_ctl.kl_coef = resumed.get("kl_coef", kl_ctl.kl_coef)
+    if cfg.resume and cfg.adaptive_kl:  # where the adaptive kl_coef had got to
+        kl_coef = resumed.get("kl_coef", kl_coef)
 
     def save(step):  # the policy for evaluation (its EMA when enabled), the value model, what --resume needs
         extra = {"policy": policy} if ema is not None else {}
@@ -476,7 +471,7 @@ def main():
         state = training_state(d, optimizers, [sample_gen])
         if d.master:
             save_checkpoint(f"{cfg.out_dir}/ckpt.pt", ema if ema is not None else policy, cfg, tok.name, iter=step,
-                            max_iters=n_iters, kl_coef=kl_ctl.kl_coef if kl_ctl else cfg.kl_coef, **extra, **state)
+                            max_iters=n_iters, kl_coef=kl_coef, **extra, **state)
             if cfg.keep_saves:
                 atomic_copy(f"{cfg.out_dir}/ckpt.pt", f"{cfg.out_dir}/ckpt_{step}.pt")
     interrupt, guard = Interrupt(d), NonFiniteGuard(cfg.max_bad_steps, d)
@@ -496,7 +491,6 @@ def main():
             opt.param_groups[0]["lr"] = lr * min(1.0, (it + 1) / cfg.warmup_iters) if cfg.warmup_iters else lr
         batch = [i for i in shuffled_indices(len(queries), it * cfg.batch_size // G, cfg.batch_size // G, cfg.seed)
                  for _ in range(G)][d.rank::d.world_size]  # each prompt G times in a row (G = 1 for gae)
-        kl_coef = kl_ctl.kl_coef if kl_ctl else cfg.kl_coef
 
         ro = rollout(policy, [queries[i] for i in batch], tok, cfg, d, sample_gen)  # 1. rollout
         t_gen = time.time() - t0
@@ -522,10 +516,10 @@ def main():
         t_train = time.time() - t0 - t_gen - t_score
 
         metrics = iteration_metrics(d, ro, scores, kl, non_score_reward, exact_kl, entropy, values, returns)
-        if kl_ctl is not None and math.isfinite(metrics["kl"]):  # one NaN KL would stick in kl_coef for good
-            kl_ctl.update(metrics["kl"], cfg.batch_size)
         log.log(it, **metrics, kl_coef=kl_coef, **stats, **probed, time_generate=t_gen, time_score=t_score,
                 time_train=t_train, **guard.stats(), echo=it % 5 == 0 or it == n_iters - 1)
+        if cfg.adaptive_kl and math.isfinite(metrics["kl"]):  # one NaN KL would stick in kl_coef for good
+            kl_coef = adaptive_kl_coef(kl_coef, metrics["kl"], cfg.kl_target, cfg.kl_horizon, cfg.batch_size)
         if d.master and (it % cfg.sample_interval == 0 or it == n_iters - 1):
             sample_table([prompts[i] for i in batch], ro.decode(tok), {"score": scores, "kl": kl.sum(1)})
         if cfg.save_interval and (it + 1) % cfg.save_interval == 0 and it + 1 < n_iters:

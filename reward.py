@@ -26,15 +26,17 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import Dist, RunConfig, RunLog, cosine_lr, load_model, prepare_model, save_checkpoint, set_seed
-from config import cli, parse_config
-from data.batches import describe_rankings, encode_example, encode_rankings, pad_right, shuffled_indices, warn_counts
+from data.batches import (describe_rankings, encode_example, encode_rankings, pad_right,
+                          shuffled_indices, warn_counts)
 from data.formats import load_sft
 from data.tokenizer import get_tokenizer
+from lib.common import (Dist, RunConfig, RunLog, cosine_lr, load_model, prepare_model,
+                        save_checkpoint, set_seed)
+from lib.config import cli, parse_config
+from lib.reliability import Interrupt, NonFiniteGuard, preflight, resume_training, training_state
+from lib.sampling import score_responses
+from lib.weights import GPT2_NAMES
 from model import response_score
-from reliability import Interrupt, NonFiniteGuard, preflight, resume_training, training_state
-from sampling import score_responses
-from weights import GPT2_NAMES
 
 
 @dataclass
@@ -214,7 +216,7 @@ def main():
         print(f"RM: {describe_rankings(train)}, {max_iters} steps, device {d.device}")
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), d.device_type)
 
-    # -- plumbing (skip on a first read): --resume, periodic saves, Ctrl-C, non-finite steps; see reliability.py
+    # -- plumbing (skip on a first read): --resume, periodic saves, Ctrl-C, non-finite steps; see lib/reliability.py
     # opened only now that inputs and models have loaded: a failed fresh start keeps the old log
     log = RunLog(cfg.out_dir, enabled=d.master, resume=cfg.resume)
     start = resume_training(ckpt, cfg, max_iters, d, log, [optimizer]) if cfg.resume else 0

@@ -23,15 +23,16 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from common import (Dist, RunConfig, RunLog, check_ranges, cosine_lr, load_model, prepare_model,
-                    save_checkpoint, set_seed)
-from config import cli, parse_config
-from data.batches import encode_example, pad_right, shuffled_indices, text_windows, val_windows, warn_counts
+from data.batches import (encode_example, pad_right, shuffled_indices, text_windows, val_windows,
+                          warn_counts)
 from data.formats import load_sft, load_text
 from data.tokenizer import get_tokenizer
+from lib.common import (Dist, RunConfig, RunLog, check_ranges, cosine_lr, load_model, prepare_model,
+                        save_checkpoint, set_seed)
+from lib.config import cli, parse_config
+from lib.reliability import Interrupt, NonFiniteGuard, preflight, resume_training, training_state
+from lib.weights import GPT2_NAMES
 from model import GPT, GPTConfig
-from weights import GPT2_NAMES
-from reliability import Interrupt, NonFiniteGuard, preflight, resume_training, training_state
 
 
 @dataclass
@@ -109,7 +110,7 @@ class Batches:
 
 
 # exercise: sft_loss_mask
-def loss_mask(targets, n_query):
+def sft_loss_mask(targets, n_query):
     """(B, T) True on the targets the SFT loss counts: the response and its end-of-text, i.e. target
     positions >= n_query - 1 (position t predicts token t + 1), and never padding (target -1). Pretraining
     text has n_query = 0: every token counts. targets (B, T), n_query (B,)."""
@@ -121,7 +122,7 @@ def collate(batch, device):
     """Inputs x, targets y (-1 at padding) and the loss mask of a list of (ids, n_query) examples."""
     x = pad_right([ids[:-1] for ids, _ in batch], 0)
     y = pad_right([ids[1:] for ids, _ in batch], -1)
-    mask = loss_mask(y, torch.tensor([nq for _, nq in batch]))
+    mask = sft_loss_mask(y, torch.tensor([nq for _, nq in batch]))
     return x.to(device), y.to(device), mask.to(device)
 
 
@@ -149,7 +150,7 @@ def train_step(ddp_model, optimizer, guard, batch, it, cfg, d):
     """One optimiser step on a global batch of (ids, n_query) examples; returns this process's part of the
     loss per counted token. The loss is normalised by the counted tokens of the whole global batch, so that
     it (and its gradient) is the same however the batch is split over micro-batches and processes."""
-    n_global = sum(len(ids) - max(n_query, 1) for ids, n_query in batch)  # the targets loss_mask counts
+    n_global = sum(len(ids) - max(n_query, 1) for ids, n_query in batch)  # the targets sft_loss_mask counts
     mine = batch[d.rank::d.world_size]
     accum = cfg.batch_size // (cfg.micro_batch_size * d.world_size)
     loss_sum = torch.zeros((), device=d.device)
@@ -217,14 +218,14 @@ def main():
     text = torch.tensor(tok.encode(load_text(cfg.text_data))) if cfg.text_data else None
     val_text = val_windows(torch.tensor(tok.encode(load_text(cfg.val_text_data))), seq_len,
                            cfg.eval_batches * cfg.micro_batch_size) if cfg.val_text_data else []
-    # the longest response taught, with its end-of-text: ppo.py, sample.py and evaluate.py check that they
+    # the longest response taught, with its end-of-text: ppo.py, tools/sample.py and evaluate.py check that they
     # let the policy say that much (a correct answer cut off would be scored as unended)
     longest = {"max_response_tokens": max(len(ids) - n_query for ids, n_query in train_sft)} if train_sft else {}
     batches = Batches(train_sft, text, cfg, seq_len)
     max_iters = cfg.max_iters or max(1, round(cfg.epochs * batches.iters_per_epoch()))
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), d.device_type)
 
-    # -- plumbing (skip on a first read): --resume, periodic saves, Ctrl-C, non-finite steps; see reliability.py
+    # -- plumbing (skip on a first read): --resume, periodic saves, Ctrl-C, non-finite steps; see lib/reliability.py
     # opened only now that inputs and models have loaded: a failed fresh start keeps the old log
     log = RunLog(cfg.out_dir, enabled=d.master, resume=cfg.resume)
     start = resume_training(ckpt, cfg, max_iters, d, log, [optimizer]) if cfg.resume else 0

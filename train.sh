@@ -43,7 +43,7 @@ if [[ $MODE == seeds ]]; then  # the whole world pipeline once per seed (world, 
     RUNS=$RUNS/seed$s SEED=$s bash "$0" world
     reports+=("$RUNS/seed$s/eval/report.json")
   done
-  $PY evaluate.py seeds "${reports[@]}" | tee "$RUNS/seeds.md"
+  $PY -m tools.seeds "${reports[@]}" | tee "$RUNS/seeds.md"
   exit 0
 fi
 W=$RUNS/world
@@ -57,7 +57,7 @@ finished() {  # a checkpoint that loads and whose run did all its steps (common.
     return
   fi
   [[ $1 != *.pt ]] && return 0
-  $PY -c "import sys, common; sys.exit(0 if common.stage_finished(sys.argv[1]) else 1)" "$1"
+  $PY -c "import sys; from lib import common; sys.exit(0 if common.stage_finished(sys.argv[1]) else 1)" "$1"
 }
 
 inputs() {  # inputs OUTPUT COMMAND...: the checksums (cksum: CRC, size; then the path under $RUNS,
@@ -130,9 +130,9 @@ if [[ $MODE == hh ]]; then
     --base "$MODEL" --sft "$H/sft/ckpt.pt" --rm "$H/rm/ckpt.pt" --ppo-ptx "$H/ppo_ptx/ckpt.pt" \
     --pretrain-val "$H/text/pretrain_val.txt" --out-dir "$H/eval" --seed "$SEED" "${EVAL[@]}"
   # a few held-out prompts, SFT's and PPO-ptx's responses side by side
-  $PY sample.py --ckpt "$H/sft/ckpt.pt" --ckpt "$H/ppo_ptx/ckpt.pt" --prompts "$H/data/test_prompts.jsonl" \
+  $PY -m tools.sample --ckpt "$H/sft/ckpt.pt" --ckpt "$H/ppo_ptx/ckpt.pt" --prompts "$H/data/test_prompts.jsonl" \
     --seed "$SEED" "${SIDE[@]}" > "$H/eval/side_by_side.txt"
-  $PY plot.py "$H" > /dev/null  # training curves next to each stage's metrics.jsonl
+  $PY -m tools.plot "$H" > /dev/null  # training curves next to each stage's metrics.jsonl
   cat "$H/eval/side_by_side.txt" "$H/eval/report.md"
   echo "== HH pipeline done in $(( $(date +%s) - start ))s: $H/eval/report.json, report.md, side_by_side.txt"
   exit 0
@@ -197,7 +197,7 @@ stage sft "$RUNS/sft/ckpt.pt" $LAUNCH sft.py --init "$RUNS/base/ckpt.pt" --sft-d
 
 # Rankings, as in the paper: K = 4..9 samples of the SFT model per prompt, ranked by simulated labelers.
 for split in train val; do
-  stage "collect SFT samples ($split)" "$RUNS/rankings/samples_$split.jsonl" $PY sample.py collect \
+  stage "collect SFT samples ($split)" "$RUNS/rankings/samples_$split.jsonl" $PY -m data.collect \
     --ckpt "$RUNS/sft/ckpt.pt" --prompts "$W/rankings_$split.jsonl" --out "$RUNS/rankings/samples_$split.jsonl" \
     --seed "$SEED" "${RANK_PROMPTS[@]}"
   stage "labelers rank ($split)" "$RUNS/rankings/rankings_$split.jsonl" $PY -m data.world rank \
@@ -234,7 +234,7 @@ if [[ $MODE == overopt ]]; then
     pids+=($!)
   done
   for p in "${pids[@]}"; do wait "$p"; done
-  stage "over-optimisation" "$O/overoptimisation.json" $PY experiments/overoptimisation.py --sft "$RUNS/sft/ckpt.pt" \
+  stage "over-optimisation" "$O/overoptimisation.json" $PY -m experiments.overoptimisation --sft "$RUNS/sft/ckpt.pt" \
     --prompts "$W/test_prompts.jsonl" --rm "$RUNS/rm/ckpt.pt" --ppo-dir "$O/ppo_rm" --small-rm "$O/rm_small/ckpt.pt" \
     --small-ppo-dir "$O/ppo_rm_small" --out-dir "$O" --seed "$SEED" "${OVEROPT[@]}"
   echo "== over-optimisation done in $(( $(date +%s) - start ))s: $O/overoptimisation.json, .md and the figure"
@@ -286,6 +286,6 @@ stage evaluate "$RUNS/eval/report.json" $PY evaluate.py --prompts "$W/test_promp
   --out-dir "$RUNS/eval" --seed "$SEED" "${EVAL[@]}"
 
 # Training curves: curves.txt (and curves.png, with matplotlib) next to each stage's metrics.jsonl
-$PY plot.py "$RUNS" > /dev/null
+$PY -m tools.plot "$RUNS" > /dev/null
 [[ -f $RUNS/eval/report.md ]] && cat "$RUNS/eval/report.md"
 echo "== pipeline done in $(( $(date +%s) - start ))s: $RUNS/eval/report.json, $RUNS/eval/report.md and the plot in $RUNS/eval/; training curves in $RUNS/*/curves.txt (.png)"

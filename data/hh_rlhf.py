@@ -25,9 +25,10 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from config import cli, parse_config
-from data.formats import (DataError, download, parse_ranking, read_jsonl, split_of, write_jsonl, write_text)
+from data.formats import (DataError, download, parse_ranking, read_jsonl, split_of, write_jsonl,
+                          write_text)
 from data.tokenizer import cache_dir
+from lib.config import cli, parse_config
 
 SUBSETS = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")
 URL = "https://raw.githubusercontent.com/anthropics/hh-rlhf/master/{subset}/{split}.jsonl.gz"

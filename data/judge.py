@@ -26,8 +26,8 @@ checked for content: its content counts as 0.5, so it scores 0.35..0.65 by style
 import re
 from collections import defaultdict
 
-from data.world import (FILLER_PREFIXES, FILLER_SUFFIXES, HEDGE_PREFIXES, HEDGE_SUFFIXES, REFUSALS, Task,
-                        claim, gold_answer, is_false_premise, parse_prompt)
+from data.world import (FILLER_PREFIXES, FILLER_SUFFIXES, HEDGE_PREFIXES, HEDGE_SUFFIXES, REFUSALS,
+                        Task, claim, gold_answer, is_false_premise, parse_prompt)
 
 TIE_EPS = 1e-3  # judge_pair calls scores closer than this a tie
 

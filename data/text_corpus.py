@@ -10,9 +10,9 @@ nanoGPT's shakespeare_char: a contiguous tail rather than random lines, so no pa
 from dataclasses import dataclass
 from pathlib import Path
 
-from config import cli, parse_config
 from data.formats import download, load_text, write_text
 from data.tokenizer import cache_dir
+from lib.config import cli, parse_config
 
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 

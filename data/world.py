@@ -41,8 +41,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from config import cli, parse_config
 from data.formats import load_samples, split_of, write_jsonl, write_text
+from lib.config import cli, parse_config
 
 # --- the vocabulary -------------------------------------------------------------------------------------
 CATEGORY_OF = {thing: cat for cat, things in {

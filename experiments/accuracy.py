@@ -1,19 +1,17 @@
 """Accuracy of policies on held-out prompts by the gold judge, overall and per family, sampled or greedy.
 
-    python experiments/accuracy.py runs/sft/ckpt.pt runs/ppo_gold/ckpt_*.pt --prompts runs/world/test_prompts.jsonl
+    python -m experiments.accuracy runs/sft/ckpt.pt runs/ppo_gold/ckpt_*.pt --prompts runs/world/test_prompts.jsonl
 
 A quick look without evaluate.py's win rates, baselines and RM checks: one line per checkpoint.
 """
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from config import cli, parse_config  # noqa: E402
-from data.formats import load_prompts  # noqa: E402
-from data.judge import assess, by_family  # noqa: E402
-from data.tokenizer import get_tokenizer  # noqa: E402
-from sampling import decode_response, encode_queries, load_policy, make_generator, sample_responses  # noqa: E402
+from data.formats import load_prompts
+from data.judge import assess, by_family
+from data.tokenizer import get_tokenizer
+from lib.config import cli, parse_config
+from lib.sampling import (decode_response, encode_queries, load_policy, make_generator,
+                          sample_responses)
 
 
 @dataclass

@@ -14,7 +14,7 @@
 #                               # a temporary folder, deleted at the end: $OUT holds no checkpoints)
 #
 # The steps:
-#   bench   bench.py --configs gpt2 --compile --ppo (GPT-2 124M, bf16 autocast): the MFU of compiled
+#   bench   tools/bench.py --configs gpt2 --compile --ppo (GPT-2 124M, bf16 autocast): the MFU of compiled
 #           training (T = 1024), KV-cache decode at batch 64 against transformers' generate, and the
 #           share of a ppo.py iteration spent generating. TINY: --quick --configs tiny, eager.
 #   world   bash train.sh, the default world pipeline: each stage's time; accuracy, the paired
@@ -89,9 +89,9 @@ mkdir -p "$LOGS" "$WORK"
 
 step_bench() {
   if [[ $TINY == 1 ]]; then
-    $PYTHON bench.py --device "$DEVICE" --configs tiny --quick --ppo --json-out "$OUT/bench.json"
+    $PYTHON -m tools.bench --device "$DEVICE" --configs tiny --quick --ppo --json-out "$OUT/bench.json"
   else
-    $PYTHON bench.py --device "$DEVICE" --configs gpt2 --compile --ppo --json-out "$OUT/bench.json"
+    $PYTHON -m tools.bench --device "$DEVICE" --configs gpt2 --compile --ppo --json-out "$OUT/bench.json"
   fi
 }
 
@@ -111,7 +111,7 @@ step_preset() {  # world's stages up to the RM are copied: train.sh skips finish
 
 step_hh() {
   local H=$WORK/hh_inputs
-  # random weights of the shape in a Hugging Face GPT-2 directory, as export.py writes one
+  # random weights of the shape in a Hugging Face GPT-2 directory, as tools/export.py writes one
   $PYTHON - "$H/random-gpt2" "$TINY" <<'EOF' || return
 import json, sys
 from pathlib import Path
@@ -198,7 +198,7 @@ def error_line(text, rc, limit):
 
 
 def bench_figures(path):
-    """bench.py's headline figures: training MFU, decode at the largest batch, the PPO split."""
+    """tools/bench.py's headline figures: training MFU, decode at the largest batch, the PPO split."""
     if not path.exists():
         return {}
     b = json.loads(path.read_text())
@@ -311,7 +311,7 @@ b = steps.get("bench", {})
 if "decode_tokens_per_s" in b:
     ratios = ", ".join(f"{v:.2f}x vs {k}" for k, v in b["decode_vs_transformers"].items())
     compiled = ", compiled" if b["compiled"] else ""
-    md += ["", f"## bench.py ({b['shape']}, {b['dtype']}{compiled})", "",
+    md += ["", f"## tools/bench.py ({b['shape']}, {b['dtype']}{compiled})", "",
            f"- training {b['train_batch']}: MFU {num(b['mfu'], '.1%')} {b.get('mfu_reason', '')}; "
            "tokens/s "
            + ", ".join(f"{k} {v:,.0f}" for k, v in b["train_tokens_per_s"].items() if v),

@@ -2,10 +2,10 @@
 
 Best-of-n and PPO against one or two proxy RMs, with the paper's functional forms fitted to the gold scores.
 
-    python experiments/overoptimisation.py --sft runs/sft/ckpt.pt --rm runs/rm/ckpt.pt \\
+    python -m experiments.overoptimisation --sft runs/sft/ckpt.pt --rm runs/rm/ckpt.pt \\
         --ppo-dir runs/overopt/ppo --small-rm runs/overopt/rm_small/ckpt.pt \\
         --small-ppo-dir runs/overopt/ppo_small --prompts runs/world/test_prompts.jsonl --out-dir runs/overopt  # CPU
-    python experiments/overoptimisation.py ... --device cuda --batch-size 512                           # one GPU
+    python -m experiments.overoptimisation ... --device cuda --batch-size 512                           # one GPU
 
 It only evaluates: the PPO dirs are runs of ppo.py with --keep-saves (ckpt_<iteration>.pt along training).
 Per proxy RM, two curves, each point measured on the first --max-prompts held-out prompts:
@@ -42,23 +42,21 @@ Cost on the 2-core CPU (one thread, shared with other jobs), 200 prompts, two pr
 import json
 import math
 import re
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import check_max_new_tokens, load_checkpoint, model_from_checkpoint  # noqa: E402
-from config import cli, parse_config  # noqa: E402
-from data.formats import load_prompts, write_text  # noqa: E402
-from data.judge import assess  # noqa: E402
-from data.tokenizer import get_tokenizer  # noqa: E402
-from data.world import parse_prompt  # noqa: E402
-from evaluate import best_of_n_kl, load_like, mean_ci, response_logprobs, scores_by_the_rule  # noqa: E402
-from sampling import (UNENDED_SCORE, decode_response, encode_queries, load_policy, make_generator,  # noqa: E402
-                      sample_responses)
+from data.formats import load_prompts, write_text
+from data.judge import assess
+from data.tokenizer import get_tokenizer
+from data.world import parse_prompt
+from evaluate import best_of_n_kl, load_like, mean_ci, response_logprobs, scores_by_the_rule
+from lib.common import check_max_new_tokens, load_checkpoint, model_from_checkpoint
+from lib.config import cli, parse_config
+from lib.sampling import (UNENDED_SCORE, decode_response, encode_queries, load_policy,
+                          make_generator, sample_responses)
 
 FORMS = {"best_of_n": "d (alpha - beta d)", "rl": "d (alpha - beta log d)"}  # R_gold(d), Gao et al. eq. 1-2
 

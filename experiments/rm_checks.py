@@ -4,23 +4,19 @@ prompt's gold answer, overall and per family. Given a policy checkpoint (SFT) in
 scores each answer by the policy's own mean log-probability of the response: the judge an RM with
 --score-logprob starts from.
 
-    python experiments/rm_checks.py --ckpt runs/rm/ckpt.pt --prompts runs/world/test_prompts.jsonl
-    python experiments/rm_checks.py --ckpt runs/sft/ckpt.pt --prompts runs/world/test_prompts.jsonl
+    python -m experiments.rm_checks --ckpt runs/rm/ckpt.pt --prompts runs/world/test_prompts.jsonl
+    python -m experiments.rm_checks --ckpt runs/sft/ckpt.pt --prompts runs/world/test_prompts.jsonl
 """
 import json
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's modules
-
-from common import load_checkpoint, model_from_checkpoint  # noqa: E402
-from config import cli, parse_config  # noqa: E402
-from data.formats import load_prompts  # noqa: E402
-from data.tokenizer import get_tokenizer  # noqa: E402
-from evaluate import rm_checks  # noqa: E402
+from data.formats import load_prompts
+from data.tokenizer import get_tokenizer
+from evaluate import rm_checks
+from lib.common import load_checkpoint, model_from_checkpoint
+from lib.config import cli, parse_config
 
 
 @dataclass

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-import assignment
+from tools import assignment
 
 ROOT = Path(__file__).resolve().parent.parent
-EXERCISES = ["attention", "sft_loss_mask", "ranking_loss", "kl_rewards", "gae", "ppo_losses", "ptx_loss", "adaptive_kl",
-             "group_advantages", "dpo_loss"]
+EXERCISES = ["attention", "sft_loss_mask", "ranking_loss", "compute_rewards", "compute_gae", "ppo_losses",
+             "ptx_loss", "adaptive_kl_coef", "group_advantages", "dpo_loss"]
 
 
 def run(args, cwd):
@@ -35,7 +35,7 @@ def test_student_copy_fails_every_exercise_test_and_the_reference_passes_them(tm
     exercise_tests = ["-m", "pytest", "-q", "-rf", "-p", "no:cacheprovider", "tests/test_assignments.py"]
 
     # (a) the student copy: the same files; the marked functions' bodies are the stub, all else is unchanged
-    res = run(["assignment.py", "--out", str(student)], ROOT)
+    res = run(["-m", "tools.assignment", "--out", str(student)], ROOT)
     assert res.returncode == 0, res.stderr[-2000:]
     assert f"{len(EXERCISES)} exercises stubbed" in res.stdout, res.stdout
     files = list(assignment.repo_files(ROOT))
@@ -55,7 +55,7 @@ def test_student_copy_fails_every_exercise_test_and_the_reference_passes_them(tm
             assert "".join(reference) not in copy.decode(), f"the reference body of {name} is in the copy"
             stubbed.append(name)
     assert sorted(stubbed) == sorted(EXERCISES)
-    again = run(["assignment.py", "--out", str(student)], ROOT)  # a copy never overwrites a directory
+    again = run(["-m", "tools.assignment", "--out", str(student)], ROOT)  # a copy never overwrites a directory
     assert again.returncode == 2 and again.stderr.count("\n") == 1, again.stderr
 
     # (b) in the copy, every exercise test fails, each on its own exercise's NotImplementedError

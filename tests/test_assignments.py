@@ -13,13 +13,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import model
 from data.batches import text_windows
-from model import GPT, GPTConfig, attention
 from dpo import dpo_loss
-from ppo import AdaptiveKLController, compute_gae, compute_rewards, group_advantages, ppo_losses, ptx_loss
+import model
+from model import GPT, GPTConfig, attention
+from ppo import (adaptive_kl_coef, compute_gae, compute_rewards, group_advantages, ppo_losses,
+                 ptx_loss)
 from reward import better_than, ranking_loss
-from sft import collate, loss_mask
+from sft import collate, sft_loss_mask
 
 
 def assert_close(got, expected, atol=1e-5):
@@ -74,7 +75,7 @@ def test_attention_matches_torch_sdpa_with_is_causal():
     assert_close(y, F.scaled_dot_product_attention(q, k, v, is_causal=True))
 
 
-# --- sft_loss_mask (sft.py loss_mask) -------------------------------------------------------------------------
+# --- sft_loss_mask (sft.py) -------------------------------------------------------------------------
 def test_sft_loss_mask_equals_hand_written_masks():
     """Response targets, never padding: masks written by hand for prompts of 3 and 5 tokens and for pretraining text."""
     targets = torch.tensor([[11, 12, 13, 14, 15, 16],  # 3 query tokens, no padding
@@ -84,7 +85,7 @@ def test_sft_loss_mask_equals_hand_written_masks():
     expected = [[0, 0, 1, 1, 1, 1],  # target position 2 is the first response token (predicted from position 2)
                 [1, 1, 1, 1, 0, 0],
                 [0, 0, 0, 0, 1, 0]]
-    assert loss_mask(targets, n_query).long().tolist() == expected
+    assert sft_loss_mask(targets, n_query).long().tolist() == expected
 
 
 def test_sft_loss_mask_counts_exactly_the_response_through_collate():
@@ -138,7 +139,7 @@ def test_ranking_loss_gradient_matches_a_pair_by_pair_sum():
     assert (r1.grad[1, 2:] == 0).all() and r1.grad[2, 3] == 0  # padding gets no gradient
 
 
-# --- kl_rewards (ppo.py compute_rewards) ----------------------------------------------------------------------
+# --- compute_rewards (ppo.py) ----------------------------------------------------------------------
 def response_batch(lengths, R, seed):
     """A (B, R) response mask for responses of the given lengths (end-of-text included), and random log-probs."""
     torch.manual_seed(seed)
@@ -146,7 +147,7 @@ def response_batch(lengths, R, seed):
     return mask, torch.randn(len(lengths), R) - 2.0, torch.randn(len(lengths), R) - 2.0
 
 
-def test_kl_rewards_match_a_loop_over_tokens():
+def test_compute_rewards_match_a_loop_over_tokens():
     """KL and -kl_coef * KL at every real token, the score added at the last real token, zeros after end-of-text."""
     lengths, R, kl_coef = [3, 5, 1], 5, 0.1
     mask, logprobs, ref_logprobs = response_batch(lengths, R, seed=3)
@@ -161,7 +162,7 @@ def test_kl_rewards_match_a_loop_over_tokens():
                                                          abs=1e-6)
 
 
-def test_kl_rewards_sum_to_the_papers_objective():
+def test_compute_rewards_sum_to_the_papers_objective():
     """Summed over a response, the rewards are r(x, y) - kl_coef * log(pi_RL(y|x) / pi_SFT(y|x)), the paper's objective."""
     lengths, R, kl_coef = [4, 2, 6, 6], 6, 0.3
     mask, logprobs, ref_logprobs = response_batch(lengths, R, seed=4)
@@ -172,7 +173,7 @@ def test_kl_rewards_sum_to_the_papers_objective():
         assert rewards[b].sum().item() == pytest.approx(scores[b].item() - kl_coef * log_ratio, abs=1e-5)
 
 
-# --- gae (ppo.py compute_gae) ---------------------------------------------------------------------------------
+# --- compute_gae (ppo.py) ---------------------------------------------------------------------------------
 GAE_LENGTHS, GAE_R = [6, 1, 4, 5], 6
 
 
@@ -184,7 +185,7 @@ def gae_batch(seed):
 
 
 @pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.8)])
-def test_gae_matches_the_textbook_reverse_loop(gamma, lam):
+def test_compute_gae_matches_the_textbook_reverse_loop(gamma, lam):
     """Advantages and returns equal the textbook reverse loop over each response alone in plain Python; 0 after it."""
     rewards, values, mask = gae_batch(seed=5)
     advantages, returns = compute_gae(rewards, values, mask, gamma, lam)
@@ -199,7 +200,7 @@ def test_gae_matches_the_textbook_reverse_loop(gamma, lam):
         assert (advantages[b, n:] == 0).all() and (returns[b, n:] == 0).all()
 
 
-def test_gae_matches_the_closed_form():
+def test_compute_gae_matches_the_closed_form():
     """A_t = sum over k >= t of (gamma * lam)^(k - t) * delta_k, with delta_k = r_k + gamma * V_{k+1} - V_k."""
     gamma, lam = 0.95, 0.7
     rewards, values, mask = gae_batch(seed=6)
@@ -290,24 +291,22 @@ def test_ptx_loss_trains_the_policy_on_text_windows(tiny_gpt):
     assert tiny_gpt.lm_head.weight.grad is not None and tiny_gpt.lm_head.weight.grad.abs().sum() > 0
 
 
-# --- adaptive_kl (ppo.py AdaptiveKLController.update) ---------------------------------------------------------
-def test_adaptive_kl_follows_the_formula_above_and_below_target():
+# --- adaptive_kl_coef (ppo.py) ---------------------------------------------------------
+def test_adaptive_kl_coef_follows_the_formula_above_and_below_target():
     """KL 10% above the target raises kl_coef by 0.1 * n / horizon, 10% below lowers it by as much, step after step."""
-    ctl = AdaptiveKLController(kl_coef=0.2, target=6.0, horizon=1000)
-    ctl.update(6.6, 64)
-    assert ctl.kl_coef == pytest.approx(0.2 * (1 + 0.1 * 64 / 1000), rel=1e-12)
-    ctl.update(5.4, 32)
-    assert ctl.kl_coef == pytest.approx(0.2 * (1 + 0.1 * 64 / 1000) * (1 - 0.1 * 32 / 1000), rel=1e-12)
-    ctl.update(6.0, 64)  # on target: unchanged
-    assert ctl.kl_coef == pytest.approx(0.2 * (1 + 0.1 * 64 / 1000) * (1 - 0.1 * 32 / 1000), rel=1e-12)
+    kl_coef = adaptive_kl_coef(0.2, 6.6, 6.0, 1000, 64)
+    assert kl_coef == pytest.approx(0.2 * (1 + 0.1 * 64 / 1000), rel=1e-12)
+    kl_coef = adaptive_kl_coef(kl_coef, 5.4, 6.0, 1000, 32)
+    assert kl_coef == pytest.approx(0.2 * (1 + 0.1 * 64 / 1000) * (1 - 0.1 * 32 / 1000), rel=1e-12)
+    kl_coef = adaptive_kl_coef(kl_coef, 6.0, 6.0, 1000, 64)  # on target: unchanged
+    assert kl_coef == pytest.approx(0.2 * (1 + 0.1 * 64 / 1000) * (1 - 0.1 * 32 / 1000), rel=1e-12)
 
 
-def test_adaptive_kl_clips_the_error_at_0_2():
+def test_adaptive_kl_coef_clips_the_error_at_0_2():
     """However far the KL is from the target, the proportional error is clipped to [-0.2, 0.2]."""
     for kl, error in [(60.0, 0.2), (7.5, 0.2), (0.0, -0.2), (3.0, -0.2), (7.0, 1 / 6)]:
-        ctl = AdaptiveKLController(kl_coef=0.5, target=6.0, horizon=100)
-        ctl.update(kl, 10)
-        assert ctl.kl_coef == pytest.approx(0.5 * (1 + error * 10 / 100), rel=1e-12), kl
+        kl_coef = adaptive_kl_coef(0.5, kl, 6.0, 100, 10)
+        assert kl_coef == pytest.approx(0.5 * (1 + error * 10 / 100), rel=1e-12), kl
 
 
 # --- group_advantages (ppo.py) ---------------------------------------------------------------------------------

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from common import load_checkpoint, model_from_checkpoint, save_checkpoint
 from data.formats import ASSISTANT, HUMAN
 from data.tokenizer import get_tokenizer
+from lib.common import load_checkpoint, model_from_checkpoint, save_checkpoint
 from model import GPT, GPTConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,7 +25,7 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONIOE
 def chat(args, stdin, cwd):
     """chat.py's stdout for stdin (text, or bytes as they are)."""
     stdin = stdin if isinstance(stdin, bytes) else stdin.encode()
-    out = subprocess.run([sys.executable, ROOT / "chat.py", *args], input=stdin, cwd=cwd, env=ENV,
+    out = subprocess.run([sys.executable, "-m", "tools.chat", *args], input=stdin, cwd=cwd, env=ENV,
                          capture_output=True, timeout=120)
     assert out.returncode == 0, out.stderr.decode()
     assert b"Traceback" not in out.stderr
@@ -99,7 +99,7 @@ def test_two_models_side_by_side(tmp_path):
 
 def test_ctrl_c_at_the_prompt_quits_cleanly(tmp_path):
     write_tiny_policy(tmp_path / "sft.pt")
-    proc = subprocess.Popen([sys.executable, ROOT / "chat.py", "--ckpt", "sft.pt", "--max-new-tokens", "8",
+    proc = subprocess.Popen([sys.executable, "-m", "tools.chat", "--ckpt", "sft.pt", "--max-new-tokens", "8",
                              "--device", "cpu"], cwd=tmp_path, env=ENV, stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     seen = b""

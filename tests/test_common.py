@@ -6,8 +6,8 @@ import pickle
 import pytest
 import torch
 
-from common import load_checkpoint, model_from_checkpoint, save_checkpoint
-from config import parse_config
+from lib.common import load_checkpoint, model_from_checkpoint, save_checkpoint
+from lib.config import parse_config
 from model import GPT, GPTConfig
 
 
@@ -65,7 +65,7 @@ def test_non_finite_weights_are_never_saved(tmp_path):
 
 
 def test_a_fresh_run_starts_a_fresh_log_and_a_resumed_one_keeps_it(tmp_path):
-    from common import RunLog
+    from lib.common import RunLog
     (tmp_path / "metrics.jsonl").write_text('{"step": 0, "loss": 9.0}\n{"step": 1, "loss": 8.0}\n')
     RunLog(tmp_path, resume=True).log(2, echo=False, loss=7.0)
     assert [json.loads(l)["step"] for l in open(tmp_path / "metrics.jsonl")] == [0, 1, 2]

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from common import load_checkpoint, model_from_checkpoint, save_checkpoint
+from lib.common import load_checkpoint, model_from_checkpoint, save_checkpoint
 from model import GPT, GPTConfig
 from test_stages import ROOT, TINY_MODEL, run, write_tiny_data
 

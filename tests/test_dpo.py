@@ -8,15 +8,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from common import Dist, check_max_new_tokens, load_checkpoint, stage_finished
 from data.batches import encode_rankings
 from data.formats import encode_chat
 from data.tokenizer import get_tokenizer
 from dpo import dpo_loss, mean_stats, ranked_pairs, response_logprobs, train_step
+from lib.common import Dist, check_max_new_tokens, load_checkpoint, stage_finished
+from lib.reliability import NonFiniteGuard
+from lib.sampling import load_policy
 from model import GPT, GPTConfig
-from reliability import NonFiniteGuard
-from sampling import load_policy
-from test_reliability import ROOT, assert_same_weights, finish, metrics, run_cli, start, write_tiny_policy_and_rm
+from test_reliability import (ROOT, assert_same_weights, finish, metrics, run_cli, start,
+                              write_tiny_policy_and_rm)
 from test_stages import write_tiny_data
 
 TOK = get_tokenizer("byte")

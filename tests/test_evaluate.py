@@ -13,18 +13,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import config
-import sample
-import sampling
-from common import save_checkpoint
+import data.collect
 from data.formats import encode_chat, load_samples, write_jsonl, write_text
 from data.judge import gold_score
 from data.tokenizer import get_tokenizer
 from data.world import FAMILIES, gold_answer, parse_prompt, pretrain_text, sample_tasks
-from evaluate import (MODELS, POLICIES, best_constants, best_of_n_kl, few_shot_contexts, mean_ci, paired_ci,
-                      response_logprobs)
-from sampling import score_responses
+from evaluate import (MODELS, POLICIES, best_constants, best_of_n_kl, few_shot_contexts, mean_ci,
+                      paired_ci, response_logprobs)
+from lib import config
+from lib import sampling
+from lib.common import save_checkpoint
+from lib.sampling import score_responses
 from model import GPT, GPTConfig
+from tools import sample
 
 ROOT = Path(__file__).resolve().parent.parent
 FIELDS = ("gold_score", "gold_score_ci", "accuracy", "accuracy_ci", "win_rate_vs_sft", "win_rate_ci", "rm_score",
@@ -205,17 +206,17 @@ def test_evaluate_end_to_end(world):
             assert a["responses"][name]["rm_score"] == b["responses"][name]["rm_score"]
 
 
-def test_sample_collect_k_in_range_and_deterministic(world, monkeypatch, capsys):
+def test_collect_k_in_range_and_deterministic(world, monkeypatch, capsys):
     rankings = world / "rankings.jsonl"  # a rankings file: collect takes its prompts
     prompts = [json.loads(line)["prompt"] for line in open(world / "prompts.jsonl")]
     write_jsonl(rankings, [{"prompt": p, "responses": ["a.", "b."], "ranking": [1, 0]} for p in prompts])
 
     def collect(out, seed):
-        monkeypatch.setattr(sys, "argv", ["sample.py", "collect", "--ckpt", str(world / "sft" / "ckpt.pt"),
+        monkeypatch.setattr(sys, "argv", ["collect.py", "--ckpt", str(world / "sft" / "ckpt.pt"),
                                           "--prompts", str(rankings), "--out", str(out), "--k-min", "2",
                                           "--k-max", "5", "--max-new-tokens", "8", "--batch-size", "7",
                                           "--device", "cpu", "--seed", str(seed), "--max-prompts", "8"])
-        sample.main()
+        data.collect.main()
         return (Path(out)).read_bytes()
 
     first, again = collect(world / "s0.jsonl", 0), collect(world / "s0b.jsonl", 0)
@@ -308,14 +309,14 @@ def test_unended_responses_score_the_fixed_value_and_lose_best_of_n(monkeypatch)
 
 
 def test_seed_summary_by_hand(tmp_path):
-    import evaluate
+    from tools.seeds import summarise_seeds
     paths = []
     for seed, acc in ((0, 0.2), (1, 0.4), (2, 0.9)):
         model = {"win_rate_vs_sft": 0.5, "gold_score": acc, "accuracy": acc, "kl_vs_sft": 0.0}
         report = {"config": {"seed": seed}, "models": {"sft": model, **({"ppo": model} if seed else {})}}
         paths.append(tmp_path / f"{seed}.json")
         paths[-1].write_text(json.dumps(report))
-    table = evaluate.summarise_seeds(paths)
+    table = summarise_seeds(paths)
     std = math.sqrt(((0.2 - 0.5) ** 2 + (0.4 - 0.5) ** 2 + (0.9 - 0.5) ** 2) / 2)
     assert f"0.500 +- {std:.3f} [0.200, 0.900]" in table and "Over 3 seeds (0, 1, 2)" in table
     assert "| ppo |" not in table  # not in every run: no mean

@@ -22,7 +22,7 @@ def test_gold_ppo_saves_and_accuracy_run_end_to_end(tmp_path):
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert (tmp_path / "out" / "ckpt_1.pt").exists() and (tmp_path / "out" / "ckpt_2.pt").exists()
-    res = subprocess.run([sys.executable, ROOT / "experiments" / "accuracy.py", "out/ckpt_1.pt", "out/ckpt_2.pt",
+    res = subprocess.run([sys.executable, "-m", "experiments.accuracy", "out/ckpt_1.pt", "out/ckpt_2.pt",
                           "--prompts", "prompts.jsonl", "--max-new-tokens", "8"],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
@@ -37,7 +37,7 @@ def test_rm_checks_of_a_policy_rank_by_its_mean_response_logprob(tmp_path):
     wrong); on an RM it gives evaluate.py's RM checks."""
     import random
     import torch
-    from common import load_checkpoint, model_from_checkpoint
+    from lib.common import load_checkpoint, model_from_checkpoint
     from data.formats import encode_chat
     from data.tokenizer import get_tokenizer
     from data.world import gold_answer, parse_prompt, wrong_answer
@@ -46,11 +46,11 @@ def test_rm_checks_of_a_policy_rank_by_its_mean_response_logprob(tmp_path):
     lines = "".join(json.dumps({"prompt": p}) + "\n" for p in prompts)
     (tmp_path / "prompts.jsonl").write_text(lines)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    script = ROOT / "experiments" / "rm_checks.py"
+    script = ["-m", "experiments.rm_checks"]
     out = {}
     for ckpt in ("sft.pt", "rm.pt"):
         args = ["--ckpt", ckpt, "--prompts", "prompts.jsonl", "--max-new-tokens", "16"]
-        res = subprocess.run([sys.executable, script, *args],
+        res = subprocess.run([sys.executable, *script, *args],
                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, res.stderr[-2000:]
         out[ckpt] = json.loads(res.stdout)

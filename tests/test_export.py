@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import export
-from common import save_checkpoint
-from config import cli
 from data.formats import encode_chat
 from data.tokenizer import get_tokenizer
+from lib.common import save_checkpoint
+from lib.config import cli
+from lib.weights import read_safetensors
 from model import GPT, GPTConfig
-from weights import read_safetensors
+from tools import export
 
 transformers = pytest.importorskip("transformers")
 
@@ -159,7 +159,7 @@ def test_interrupted_export_leaves_the_previous_one(tmp_path, monkeypatch):
 
 def test_cli_one_line_results_and_errors(tmp_path, capsys):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    script = subprocess.Popen([sys.executable, "export.py", "--ckpt", str(tmp_path / "nope.pt"), "--out",
+    script = subprocess.Popen([sys.executable, "-m", "tools.export", "--ckpt", str(tmp_path / "nope.pt"), "--out",
                                str(tmp_path / "hf2")], cwd=ROOT, env=env, text=True, stderr=subprocess.PIPE)
     torch.manual_seed(0)
     save_checkpoint(tmp_path / "ckpt.pt", GPT(GPTConfig(**TINY)), STAGE_CONFIG, "byte")

@@ -7,8 +7,9 @@ import re
 import pytest
 
 from data import formats
-from data.formats import (DataError, encode_chat, format_query, load_prompts, load_rankings, load_sft,
-                          load_text, split_of, split_transcript, truncate_left, write_jsonl, write_text)
+from data.formats import (DataError, encode_chat, format_query, load_prompts, load_rankings,
+                          load_sft, load_text, split_of, split_transcript, truncate_left,
+                          write_jsonl, write_text)
 from data.tokenizer import get_tokenizer
 
 

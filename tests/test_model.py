@@ -5,8 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common import model_from_checkpoint
-from model import GPT, GPTConfig, CausalSelfAttention, filter_logits, load_lm_into, logprobs_from_logits
+from lib.common import model_from_checkpoint
+from model import (GPT, GPTConfig, CausalSelfAttention, filter_logits, load_lm_into,
+                   logprobs_from_logits)
 
 TINY = dict(block_size=64, vocab_size=61, n_layer=2, n_head=4, n_embd=32)
 

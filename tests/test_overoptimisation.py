@@ -12,11 +12,10 @@ import pytest
 import torch
 
 from evaluate import best_of_n_kl
+from experiments import overoptimisation as oo
 from test_reliability import write_tiny_policy_and_rm
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "experiments"))
-import overoptimisation as oo  # noqa: E402
 
 PROMPTS = ["Reverse the word stone.", "Add 7 and 5.", "Reverse the word apple."]
 
@@ -85,7 +84,7 @@ def test_overoptimisation_runs_end_to_end_on_ppo_saves(tmp_path):
                           "--sample-interval", "1000", "--out-dir", "ppo"],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
-    res = subprocess.run([sys.executable, ROOT / "experiments" / "overoptimisation.py", "--sft", "sft.pt", "--rm",
+    res = subprocess.run([sys.executable, "-m", "experiments.overoptimisation", "--sft", "sft.pt", "--rm",
                           "rm.pt", "--ppo-dir", "ppo", "--small-rm", "rm.pt", "--small-ppo-dir", "ppo", "--prompts",
                           "prompts.jsonl", "--max-prompts", "3", "--max-n", "4", "--max-new-tokens", "8",
                           "--batch-size", "4", "--out-dir", "out"],

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-import plot
+from tools import plot
 
 ROOT = Path(__file__).resolve().parent.parent
 KL = [0.5, 0.25, 2.0, 1.0]  # PPO's kl cycles through these: first 0.5, min 0.25, max 2.0, last (step 19) 1.0
@@ -104,7 +104,7 @@ def test_png_with_matplotlib(runs):
 
 def test_errors_are_one_line(tmp_path, capsys):
     missing = tmp_path / "no_such_run"
-    res = subprocess.run([sys.executable, "plot.py", str(missing)], cwd=ROOT, capture_output=True, text=True,
+    res = subprocess.run([sys.executable, "-m", "tools.plot", str(missing)], cwd=ROOT, capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
     assert res.returncode == 2 and res.stdout == ""
     assert res.stderr == f"error: {missing}: no such file or directory\n"

@@ -11,8 +11,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from common import load_checkpoint
 from data.batches import pad_left
+from lib.common import load_checkpoint
 from model import GPT, GPTConfig, forward_response, value_of_response
 from ppo import compute_gae, compute_rewards, mask_through_eos, ppo_losses
 
@@ -110,7 +110,7 @@ def test_response_logprobs_and_values_under_left_padding_equal_unpadded_rows():
 
 
 def test_unended_responses_get_the_fixed_score():
-    from sampling import unended_rule
+    from lib.sampling import unended_rule
     scores = torch.tensor([0.7, 5.0, -0.2])
     ended = torch.tensor([True, False, True])
     assert unended_rule(scores, ended, -3.0).tolist() == pytest.approx([0.7, -3.0, -0.2])
@@ -168,8 +168,8 @@ def test_ptx_term_adds_gamma_times_the_pretraining_gradient(monkeypatch):
     SGD at learning rate 1 a step is minus the gradient, so this is exact; a dropped, mis-scaled or
     sign-flipped ptx term fails it."""
     import ppo
-    from common import Dist
-    from reliability import NonFiniteGuard
+    from lib.common import Dist
+    from lib.reliability import NonFiniteGuard
     torch.manual_seed(0)
     V = 16
     policy = GPT(GPTConfig(block_size=32, vocab_size=V, n_layer=1, n_head=2, n_embd=16))
@@ -247,7 +247,7 @@ def test_rm_scores_of_rollouts_equal_scores_of_the_unpadded_pairs():
     starts): the score of each left-padded rollout equals sampling.score_responses on its own
     (query, response)."""
     import ppo
-    from sampling import score_responses
+    from lib.sampling import score_responses
     prompts = ["Add 2 and 3.", "Reverse the word stone.", "Add 4 and 4."]
     responses = ["2 plus 3 is 5.", "enots.", "4 plus 4 is 9, which is even."]
     ro, tok = byte_rollouts(prompts, responses, [True, True, True])
@@ -268,7 +268,7 @@ def test_logprob_change_equals_a_loop_over_unpadded_responses():
     """The diagnostic: after a change of the weights, the mean change of sum_t log pi(y_t) over the responses
     whose advantages sum above 0 and over those below 0, each response recomputed alone."""
     import ppo
-    from common import Dist
+    from lib.common import Dist
     torch.manual_seed(0)
     prompts = ["Add 2 and 3.", "Add 4 and 4.", "Reverse the word stone.", "Sort these numbers: 20, 13, 7."]
     ro, tok = byte_rollouts(prompts, ["2 plus 3 is 5.", "9.", "enots.", "7, 13"], [True, True, True, False])
@@ -297,7 +297,7 @@ def test_probe_scores_and_judges_the_sampled_and_greedy_responses(monkeypatch):
     responses sampled at the training temperature, probe_accuracy their gold accuracy, and
     probe_greedy_accuracy that of the responses decoded at temperature 0."""
     import ppo
-    from common import Dist
+    from lib.common import Dist
     from data.formats import encode_chat
     from data.tokenizer import get_tokenizer
     tok = get_tokenizer("byte")

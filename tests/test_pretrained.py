@@ -6,8 +6,8 @@ import struct
 import pytest
 import torch
 
+from lib.weights import read_safetensors, write_safetensors
 from model import GPT, GPTConfig
-from weights import read_safetensors, write_safetensors
 
 HF_CONFIG = dict(n_positions=32, vocab_size=61, n_layer=2, n_head=2, n_embd=16)
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")

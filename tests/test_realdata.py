@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
-from config import cli
 from data import hh_rlhf, text_corpus
 from data.formats import format_query, load_prompts, load_rankings, load_sft, load_text, split_of
+from lib.config import cli
 from model import GPT, GPTConfig
 from test_pretrained import write_hf_dir
 from test_stages import ROOT

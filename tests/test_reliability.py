@@ -15,21 +15,22 @@ import sys
 import time
 import zipfile
 import zlib
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from hypothesis import HealthCheck, example, given, settings, strategies as st
 
-from common import Dist, atomic_copy, atomic_save, load_checkpoint, model_from_checkpoint, save_checkpoint
 from data.batches import encode_example
-from reliability import Interrupt, lock_out_dir, preflight
 from data.formats import DataError, load_prompts, load_rankings, load_samples, load_sft, load_text
 from data.tokenizer import get_tokenizer
+from lib.common import (Dist, atomic_copy, atomic_save, load_checkpoint, model_from_checkpoint,
+                        save_checkpoint)
+from lib.reliability import Interrupt, lock_out_dir, preflight
+from lib.weights import read_safetensors, write_safetensors
 from model import GPT, GPTConfig
 from test_stages import TINY_MODEL, write_tiny_data
-from weights import read_safetensors, write_safetensors
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -330,10 +331,10 @@ def test_config_errors_are_one_line_and_exit_code_2(tmp_path, monkeypatch, capsy
         "epochs": (["dpo.py", "--sft", "sft.pt", "--data", "rank.jsonl", "--epochs", "0"], "--epochs must be > 0"),
         "device": (["sft.py", "--text-data", "text.txt", "--device", f"cuda:{torch.cuda.device_count()}"],
                    "CUDA device(s) visible to torch"),  # --device cuda on a machine without one
-        "sample tokens": (["sample.py", "--prompt", "hi", "--max-new-tokens", "-5"],
+        "sample tokens": (["tools/sample.py", "--prompt", "hi", "--max-new-tokens", "-5"],
                           "--max-new-tokens must be > 0, got -5"),
-        "sample n": (["sample.py", "--prompt", "hi", "--n", "0"], "--n must be > 0, got 0"),
-        "collect batch": (["sample.py", "collect", "--batch-size", "0"], "--batch-size must be > 0, got 0"),
+        "sample n": (["tools/sample.py", "--prompt", "hi", "--n", "0"], "--n must be > 0, got 0"),
+        "collect batch": (["data/collect.py", "--batch-size", "0"], "--batch-size must be > 0, got 0"),
         "evaluate prompts": (["evaluate.py", "--max-prompts", "-1"], "--max-prompts must be >= 0, got -1"),
         "evaluate tokens": (["evaluate.py", "--max-new-tokens", "0"], "--max-new-tokens must be > 0, got 0"),
         # before --sft (runs/sft/ckpt.pt, not here) is loaded
@@ -341,7 +342,7 @@ def test_config_errors_are_one_line_and_exit_code_2(tmp_path, monkeypatch, capsy
     }
     monkeypatch.chdir(tmp_path)
     for name, ((script, *argv), words) in early.items():
-        own_dir = [] if script == "sample.py" or "--out-dir" in argv else ["--out-dir", name]  # sample.py has none
+        own_dir = [] if script.startswith(("tools/", "data/")) or "--out-dir" in argv else ["--out-dir", name]  # these have none
         code, err = run_cli(script, [*argv, *own_dir], monkeypatch, capsys)
         assert code == 2 and err.count("\n") == 1 and err.startswith("error: ") and words in err, (name, err)
         assert not (tmp_path / name).exists()
@@ -461,10 +462,10 @@ def run_cli(script, argv, monkeypatch, capsys):
     """(exit code, stderr) of a script's main() run in this process through config.cli: fast, for the
     error paths that end before any work."""
     import importlib
-    from config import cli
+    from lib.config import cli
     monkeypatch.setattr(sys, "argv", [script, *map(str, argv)])
     with pytest.raises(SystemExit) as e:
-        cli(importlib.import_module(script.removesuffix(".py")).main)
+        cli(importlib.import_module(script.removesuffix(".py").replace("/", ".")).main)
     return e.value.code, capsys.readouterr().err
 
 
@@ -484,17 +485,17 @@ def test_bad_checkpoints_are_one_line_and_exit_code_2(tmp_path, monkeypatch, cap
     torch.save({"weights": torch.zeros(3)}, tmp_path / "tensors.pt")
     corrupt, code = "not a checkpoint this project can load (truncated or corrupt)", "refusing to load: it contains code"
     cases = [  # script, arguments, words the message must contain
-        ("sample.py", ["--ckpt", "cut.pt", "--prompt", "hi"], f"cut.pt: {corrupt}"),
+        ("tools/sample.py", ["--ckpt", "cut.pt", "--prompt", "hi"], f"cut.pt: {corrupt}"),
         ("sft.py", ["--init", "cut.pt", "--text-data", "text.txt"], f"cut.pt: {corrupt}"),
         ("ppo.py", [*PPO_TINY, "--rm", "evil.pt"], f"evil.pt: {code}"),
         ("evaluate.py", ["--sft", "evil_zip.pt", "--rm", "rm.pt", "--prompts", "prompts.jsonl"], f"evil_zip.pt: {code}"),
         ("reward.py", ["--init", "other.pt", "--data", "rank.jsonl"], f"other.pt: {corrupt}"),
-        ("sample.py", ["--ckpt", "tensors.pt", "--prompt", "hi"], "tensors.pt: not a checkpoint of this project"),
-        ("sample.py", ["--ckpt", "rm.pt", "--prompt", "hi"], "rm.pt is a reward or value model (scalar head), but a policy"),
+        ("tools/sample.py", ["--ckpt", "tensors.pt", "--prompt", "hi"], "tensors.pt: not a checkpoint of this project"),
+        ("tools/sample.py", ["--ckpt", "rm.pt", "--prompt", "hi"], "rm.pt is a reward or value model (scalar head), but a policy"),
         ("ppo.py", [*PPO_TINY, "--rm", "sft.pt"], "sft.pt is a policy (language-model head: base, SFT or PPO), but a reward"),
         ("evaluate.py", ["--sft", "sft.pt", "--rm", "sft.pt", "--prompts", "prompts.jsonl"], "but a reward or value model"),
-        ("chat.py", ["--ckpt", "rm.pt"], "rm.pt is a reward or value model (scalar head), but a policy"),
-        ("export.py", ["--ckpt", "cut.pt", "--out", "exported"], f"cut.pt: {corrupt}"),
+        ("tools/chat.py", ["--ckpt", "rm.pt"], "rm.pt is a reward or value model (scalar head), but a policy"),
+        ("tools/export.py", ["--ckpt", "cut.pt", "--out", "exported"], f"cut.pt: {corrupt}"),
     ]
     for script, argv, words in cases:
         exit_code, err = run_cli(script, argv, monkeypatch, capsys)
@@ -514,7 +515,7 @@ def test_inputs_found_bad_after_loading_are_one_line(tmp_path, monkeypatch, caps
     (tmp_path / "long_rank.jsonl").write_text(
         json.dumps({"prompt": "p", "responses": ["ok", long], "ranking": [0, 1]}) + "\n")
     export_dir = tmp_path / "exported"
-    assert run_cli("export.py", ["--ckpt", "sft.pt", "--out", export_dir], monkeypatch, capsys)[0] == 0
+    assert run_cli("tools/export.py", ["--ckpt", "sft.pt", "--out", export_dir], monkeypatch, capsys)[0] == 0
     for name in ("bad_json", "cut_weights", "wrong_shape"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "config.json").write_bytes((export_dir / "config.json").read_bytes())
@@ -530,37 +531,37 @@ def test_inputs_found_bad_after_loading_are_one_line(tmp_path, monkeypatch, caps
         ("reward.py", ["--init", "sft.pt", "--data", "long_rank.jsonl"],
          "long_rank.jsonl: none of its 1 rankings fits in a context of 64 tokens"),
         ("dpo.py", ["--sft", "sft.pt", "--data", "long_rank.jsonl"], "long_rank.jsonl: none of its 1 rankings"),
-        ("sample.py", ["--ckpt", "bad_json", "--prompt", "hi", "--max-new-tokens", "8"], f"bad_json: {not_hf}"),
+        ("tools/sample.py", ["--ckpt", "bad_json", "--prompt", "hi", "--max-new-tokens", "8"], f"bad_json: {not_hf}"),
         ("sft.py", ["--init", "cut_weights", "--text-data", "text.txt"], f"cut_weights: {not_hf}"),
         ("reward.py", ["--init", "wrong_shape", "--data", "rank.jsonl"], f"wrong_shape: {not_hf}"),
-        ("sample.py", ["collect", "--ckpt", "sft.pt", "--prompts", "prompts.jsonl", "--out", "."],
+        ("data/collect.py", ["--ckpt", "sft.pt", "--prompts", "prompts.jsonl", "--out", "."],
          "--out . is a directory; give a file name"),
-        ("sample.py", ["--ckpt", ",", "--prompt", "hi"], "--ckpt ',' names no checkpoint"),
-        ("sample.py", ["--ckpt", "exported", "--prompt", "hi", "--max-new-tokens", "100"],
+        ("tools/sample.py", ["--ckpt", ",", "--prompt", "hi"], "--ckpt ',' names no checkpoint"),
+        ("tools/sample.py", ["--ckpt", "exported", "--prompt", "hi", "--max-new-tokens", "100"],
          "--max-new-tokens 100 leaves no room for the prompt in the context of exported (64 tokens)"),
     ]
     for script, argv, words in cases:
-        out = [] if script in ("sample.py", "export.py") else ["--out-dir", f"out_{len(os.listdir())}"]
+        out = [] if script in ("tools/sample.py", "tools/export.py") else ["--out-dir", f"out_{len(os.listdir())}"]
         exit_code, err = run_cli(script, [*argv, *out], monkeypatch, capsys)
         assert exit_code == 2 and err.count("\n") == 1 and err.startswith("error: ") and words in err, (script, err)
     monkeypatch.chdir(tmp_path / "empty")  # the export replaces --out by a rename: never the directory one is in
-    exit_code, err = run_cli("export.py", ["--ckpt", "../sft.pt", "--out", "."], monkeypatch, capsys)
+    exit_code, err = run_cli("tools/export.py", ["--ckpt", "../sft.pt", "--out", "."], monkeypatch, capsys)
     assert exit_code == 2 and "--out . is the current directory" in err and not os.listdir(), err
 
 
 def test_an_export_loads_back_with_its_own_tokenizer(tmp_path, monkeypatch, capsys):
     """export.py's directory as --init / --ckpt: the world's byte tokenizer, not GPT-2's (whose ids would
     index past the byte model's 258-row embedding), and the same weights."""
-    from common import load_model
+    from lib.common import load_model
     monkeypatch.chdir(tmp_path)
     write_tiny_policy_and_rm(tmp_path)
-    assert run_cli("export.py", ["--ckpt", "sft.pt", "--out", "exported"], monkeypatch, capsys)[0] == 0
+    assert run_cli("tools/export.py", ["--ckpt", "sft.pt", "--out", "exported"], monkeypatch, capsys)[0] == 0
     tokenizer, model, _ = load_model("exported", "lm", 0.0, kind="lm")
     assert tokenizer == "byte"
     assert_same_weights(model.state_dict(), load_checkpoint(tmp_path / "sft.pt")["model"])
     with pytest.raises(ValueError, match="is a policy .* but a reward"):
         load_model("exported", "scalar", 0.0, kind="scalar")
-    exit_code, err = run_cli("sample.py", ["--ckpt", "exported", "--prompt", "hi", "--max-new-tokens", "4",
+    exit_code, err = run_cli("tools/sample.py", ["--ckpt", "exported", "--prompt", "hi", "--max-new-tokens", "4",
                                            "--device", "cpu"], monkeypatch, capsys)
     assert exit_code == 0, err
 
@@ -605,7 +606,7 @@ def test_disk_full_during_a_save_is_one_line_and_leaves_no_partial_file(tmp_path
 
 def test_training_state_loads_without_pickle(tmp_path):
     """What --resume saves (optimiser moments, RNG states of torch and the generators) is plain data."""
-    from reliability import training_state
+    from lib.reliability import training_state
     model = GPT(GPTConfig(block_size=16, vocab_size=20, n_layer=1, n_head=2, n_embd=8))
     opt = torch.optim.AdamW(model.parameters())
     model(torch.randint(0, 20, (2, 8)), torch.randint(0, 20, (2, 8)))[1].backward()

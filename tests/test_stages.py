@@ -13,12 +13,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common import load_checkpoint, model_from_checkpoint, save_checkpoint
 from data.formats import encode_chat
 from data.tokenizer import get_tokenizer
+from lib.common import load_checkpoint, model_from_checkpoint, save_checkpoint
+from lib.sampling import score_responses
 from model import GPT, GPTConfig
 from reward import better_than, forward_prompts, ranking_loss
-from sampling import score_responses
 from sft import collate
 
 ROOT = Path(__file__).resolve().parent.parent

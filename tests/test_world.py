@@ -10,9 +10,9 @@ import pytest
 
 from data.formats import load_prompts, load_rankings, load_sft, load_text, split_of, write_jsonl
 from data.judge import gold_score
-from data.world import (FAMILIES, KINDS, LABELER_NOISE, TEMPLATES, WorldConfig, candidates, demonstrate,
-                        generate, gold_answer, labeler_agreement, main, pair_agreement, parse_prompt,
-                        sample_task, sample_tasks, simulated_ranking)
+from data.world import (FAMILIES, KINDS, LABELER_NOISE, TEMPLATES, WorldConfig, candidates,
+                        demonstrate, generate, gold_answer, labeler_agreement, main, pair_agreement,
+                        parse_prompt, sample_task, sample_tasks, simulated_ranking)
 
 SMALL = dict(pretrain_bytes=20_000, pretrain_val_bytes=2_000, sft_train=200, sft_val=50, rankings_train=100,
              rankings_val=30, ppo_prompts=100, val_prompts=30, test_prompts=60)

@@ -1,5 +1,5 @@
 """GPT-2's weights on disk: the safetensors format, read and written without pickle, and the download of
-the Hugging Face hub's files (model.GPT.from_pretrained maps the names; export.py writes them back).
+the Hugging Face hub's files (model.GPT.from_pretrained maps the names; tools/export.py writes them back).
 """
 import json
 import struct

@@ -1,9 +1,9 @@
 """Talk to a trained model: type a prompt, watch the answer stream in, keep the conversation going.
 
-    python chat.py --ckpt runs/ppo_ptx/ckpt.pt                           # one model
-    python chat.py --ckpt runs/sft/ckpt.pt --ckpt runs/ppo_ptx/ckpt.pt   # two models answer each prompt
-    python chat.py --ckpt runs/hh/ppo_ptx/ckpt.pt --device cuda --temperature 0.7 --top-p 0.9
-    echo "Add 7 and 5." | python chat.py --ckpt runs/sft/ckpt.pt --temperature 0   # scripted
+    python -m tools.chat --ckpt runs/ppo_ptx/ckpt.pt                           # one model
+    python -m tools.chat --ckpt runs/sft/ckpt.pt --ckpt runs/ppo_ptx/ckpt.pt   # two models answer each prompt
+    python -m tools.chat --ckpt runs/hh/ppo_ptx/ckpt.pt --device cuda --temperature 0.7 --top-p 0.9
+    echo "Add 7 and 5." | python -m tools.chat --ckpt runs/sft/ckpt.pt --temperature 0   # scripted
 
 Each turn is written in the chat template every stage trains on ("\\n\\nHuman: ...\\n\\nAssistant: ...", see
 data/formats.py), with the earlier turns in front: when the conversation no longer fits the context
@@ -20,11 +20,11 @@ from dataclasses import dataclass
 
 import torch
 
-from common import autodetect_device
-from config import cli, join_repeated, parse_config
 from data.formats import ASSISTANT, HUMAN, encode_chat, truncate_left
 from data.tokenizer import get_tokenizer
-from sampling import decode_response, load_policy, model_names
+from lib.common import autodetect_device
+from lib.config import cli, join_repeated, parse_config
+from lib.sampling import decode_response, load_policy, model_names
 
 
 @dataclass

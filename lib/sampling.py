@@ -1,4 +1,4 @@
-"""Sampling and scoring, the library under ppo.py, sample.py, evaluate.py and chat.py: load a policy, put
+"""Sampling and scoring, the library under ppo.py, tools/sample.py, evaluate.py and tools/chat.py: load a policy, put
 prompts in the chat template, sample responses in batches, decode them, and score them with the reward
 model by one rule (an unended response gets a fixed low score) wherever a score is used.
 """
@@ -6,9 +6,9 @@ model by one rule (an unended response gets a fixed low score) wherever a score 
 import torch
 from tqdm import tqdm
 
-from common import load_model
 from data.batches import pad_left, pad_right, warn_counts
 from data.formats import encode_chat, truncate_left
+from lib.common import load_model
 
 # The score of a response that never emitted end-of-text. The RM only ever sees text that ended, so its
 # output on a cut-off response is an untrained extrapolation (it can be high); ppo.py and evaluate.py both

@@ -1,6 +1,6 @@
 """What every stage needs besides its algorithm: the settings they share, the device and DDP, checkpoints
 (and the four models of RL fine-tuning), the metrics log, the learning-rate schedule. Command lines are
-config.py's; resuming, Ctrl-C and non-finite steps are reliability.py's; batching is data/batches.py's.
+lib/config.py's; resuming, Ctrl-C and non-finite steps are lib/reliability.py's; batching is data/batches.py's.
 """
 import copy
 import dataclasses
@@ -36,7 +36,7 @@ NON_NEGATIVE = ("max_iters", "warmup_iters", "save_interval")  # 0 means: derive
 
 @dataclass
 class RunConfig:
-    """Where and how a stage runs, and its safety plumbing (reliability.py); each stage's config adds its own."""
+    """Where and how a stage runs, and its safety plumbing (lib/reliability.py); each stage's config adds its own."""
     save_interval: int = 100  # steps between saves of the resumable training state to ckpt.pt; 0 = at the end only
     resume: bool = False  # continue the interrupted run in out_dir from its ckpt.pt (weights, optimisers, step, RNGs)
     overwrite: bool = False  # start afresh in an out_dir that holds an unfinished run, replacing it
@@ -288,7 +288,7 @@ def load_model(init, head, dropout, kind=None, score_logprob=False):
         return ckpt["tokenizer"], model_from_checkpoint(ckpt, head, dropout, score_logprob), ckpt
     tokenizer, meta = "gpt2", Path(init) / "instructgpt.json"
     try:
-        # a directory of export.py: its own tokenizer (the world's is not GPT-2's) and head
+        # a directory of tools/export.py: its own tokenizer (the world's is not GPT-2's) and head
         if meta.is_file():
             info = json.loads(meta.read_text(encoding="utf-8"))
             tokenizer, exported = info["tokenizer"], info["model_config"]["head"]

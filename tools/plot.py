@@ -1,7 +1,7 @@
 """Training curves of every stage: a text summary always, and a figure when matplotlib is installed.
 
-    python plot.py runs/                             # every metrics.jsonl under runs/, recursively
-    python plot.py runs/ppo runs/ppo_ptx/metrics.jsonl
+    python -m tools.plot runs/                             # every metrics.jsonl under runs/, recursively
+    python -m tools.plot runs/ppo runs/ppo_ptx/metrics.jsonl
 
 Next to each metrics.jsonl it writes curves.txt (for each metric its first, lowest, highest and last value
 and a sparkline of its shape over the steps) and, with matplotlib (optional: `pip install matplotlib`),
@@ -22,8 +22,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from config import cli, parse_config
 from data.formats import write_bytes, write_text
+from lib.config import cli, parse_config
 
 SPARKS = "▁▂▃▄▅▆▇█"
 
@@ -206,6 +206,64 @@ def plot_run(metrics_path):
     write_text(written[0], summary(path, kind, hint, records, series, non_finite))
     png = draw(path, kind, panels, series)
     return written + [png] if png else written
+
+
+# --- evaluate.py's chart of its report ---------------------------------------------------------------------
+def with_ci(value, ci):
+    return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def text_chart(report, width=40):
+    """Win rates as bars of '#', with '|' at 0.5 and the CI in brackets; accuracies likewise."""
+    lines = [f"win rate vs SFT (judge: {report['config']['judge']}), '|' marks 0.5"]
+    pad = max(len(n) for n in report["models"])
+    for name, m in report["models"].items():
+        bar = list("#" * round(m["win_rate_vs_sft"] * width) + " " * width)[:width]
+        bar[width // 2] = "|"
+        lines.append(f"{name:<{pad}} {''.join(bar)} {with_ci(m['win_rate_vs_sft'], m['win_rate_ci'])}")
+    if any(m["accuracy"] is not None for m in report["models"].values()):
+        lines.append("accuracy")
+        for name, m in report["models"].items():
+            if m["accuracy"] is not None:
+                lines.append(f"{name:<{pad}} {'#' * round(m['accuracy'] * width):<{width}} "
+                             f"{with_ci(m['accuracy'], m['accuracy_ci'])}")
+    return "\n".join(lines) + "\n"
+
+
+def plot_win_rates(report, out_dir):
+    """Figure 1's analogue: win rate against SFT per model, 95% CI bars, 0.5 dashed; next to it the
+    accuracy of each model and baseline (with the gold judge). Returns the file."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        chart = text_chart(report)
+        print(chart)
+        write_text(out_dir / "winrate.txt", chart)
+        return out_dir / "winrate.txt"
+    models = report["models"]
+    panels = [("win_rate_vs_sft", "win_rate_ci", "win rate against SFT")]
+    if any(m["accuracy"] is not None for m in models.values()):
+        panels.append(("accuracy", "accuracy_ci", "accuracy (gold content)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(len(panels) * (0.9 * len(models) + 2), 4), squeeze=False)
+    for ax, (key, ci, label) in zip(axes[0], panels):
+        names = [n for n in models if models[n][key] is not None]
+        values = [models[n][key] for n in names]
+        err = [[v - models[n][ci][0] for n, v in zip(names, values)],
+               [models[n][ci][1] - v for n, v in zip(names, values)]]  # (2, n_models)
+        ax.errorbar(range(len(names)), values, yerr=err, fmt="o", capsize=4)
+        if key == "win_rate_vs_sft":
+            ax.axhline(0.5, linestyle="--", color="gray")
+        ax.set_xticks(range(len(names)), names, rotation=35, ha="right")
+        ax.set_xlim(-0.5, len(names) - 0.5)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel(label)
+    fig.suptitle(f"{report['n_prompts']} held-out prompts, judge: {report['config']['judge']}, 95% CI")
+    fig.tight_layout()
+    fig.savefig(out_dir / "winrate.png", dpi=120)
+    plt.close(fig)
+    return out_dir / "winrate.png"
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """Export a checkpoint of this project as a Hugging Face GPT-2 directory that `transformers` loads.
 
-    python export.py --ckpt runs/ppo_ptx/ckpt.pt --out exported/ppo_ptx   # a policy (SFT, PPO): GPT2LMHeadModel
-    python export.py --ckpt runs/rm/ckpt.pt --out exported/rm             # a reward model: GPT2Model + head
-    python export.py --ckpt runs/ppo/ckpt.pt --value-model --out exported/value   # PPO's value model, likewise
+    python -m tools.export --ckpt runs/ppo_ptx/ckpt.pt --out exported/ppo_ptx   # a policy (SFT, PPO): GPT2LMHeadModel
+    python -m tools.export --ckpt runs/rm/ckpt.pt --out exported/rm             # a reward model: GPT2Model + head
+    python -m tools.export --ckpt runs/ppo/ckpt.pt --value-model --out exported/value   # PPO's value model, likewise
 
     from transformers import GPT2LMHeadModel
     model = GPT2LMHeadModel.from_pretrained("exported/ppo_ptx")           # the logits of model.py (tested)
@@ -28,10 +28,10 @@ from string import Template
 
 import torch
 
-from common import load_checkpoint, model_from_checkpoint
-from config import cli, parse_config
 from data.tokenizer import get_tokenizer
-from weights import write_safetensors
+from lib.common import load_checkpoint, model_from_checkpoint
+from lib.config import cli, parse_config
+from lib.weights import write_safetensors
 
 META = "instructgpt.json"  # marks a directory as an export: only such a directory is replaced
 CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # HF Conv1D: weight stored (in, out)

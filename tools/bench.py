@@ -21,12 +21,12 @@ torch's default thread count; eval() and no_grad for decode, train() for trainin
 and torch.cuda.synchronize() around every timed call.
 
 Run:
-  python bench.py                              # CPU or the GPU if present; both shapes (~4 min on 2 cores)
-  python bench.py --device cpu --quick         # smoke test: one repeat, few tokens, small batches
-  python bench.py --device cuda --compile      # GPU, bf16, also the torch.compile'd training step
-  python bench.py --configs tiny --compile     # CPU inductor needs gcc; compiling takes a while
-  python bench.py --device cuda --configs gpt2 --compile --ppo   # every GPU goal (a few minutes)
-  python bench.py ... --json-out b.json        # the figures also as JSON (experiments/gpu_check.sh)
+  python -m tools.bench                              # CPU or the GPU if present; both shapes (~4 min on 2 cores)
+  python -m tools.bench --device cpu --quick         # smoke test: one repeat, few tokens, small batches
+  python -m tools.bench --device cuda --compile      # GPU, bf16, also the torch.compile'd training step
+  python -m tools.bench --configs tiny --compile     # CPU inductor needs gcc; compiling takes a while
+  python -m tools.bench --device cuda --configs gpt2 --compile --ppo   # every GPU goal (a few minutes)
+  python -m tools.bench ... --json-out b.json        # the figures also as JSON (experiments/gpu_check.sh)
 
 Deliberate shortcuts: on CPU the gpt2 shape trains with B=4, T=256 (not the full 1024 context), and its
 no-cache decode runs only 8 new tokens (128 would take minutes on 2 cores): since the no-cache cost per
@@ -48,9 +48,9 @@ from pathlib import Path
 
 import torch
 
-from common import Dist, save_checkpoint
-from config import parse_config
 from data.tokenizer import get_tokenizer
+from lib.common import Dist, save_checkpoint
+from lib.config import parse_config
 from model import GPT, GPTConfig
 
 try:
@@ -213,7 +213,7 @@ def bench_ppo(name, cfg, bc, dev):
                 text += rnd.choice(words) + " "
             prompts.append(json.dumps({"prompt": text.strip()}))
         (tmp / "prompts.jsonl").write_text("\n".join(prompts) + "\n")
-        cmd = [sys.executable, str(Path(__file__).parent / "ppo.py"), "--sft", str(tmp / "sft.pt"), "--rm",
+        cmd = [sys.executable, str(Path(__file__).resolve().parent.parent / "ppo.py"), "--sft", str(tmp / "sft.pt"), "--rm",
                str(tmp / "rm.pt"), "--prompts", str(tmp / "prompts.jsonl"), "--out-dir", str(tmp / "ppo"),
                "--total-episodes", str(batch * iters), "--batch-size", str(batch), "--minibatch-size",
                str(batch // 4), "--max-new-tokens", str(new), "--device", dev.device, "--save-interval", "0",

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from common import load_checkpoint, unfinished
+from lib.common import load_checkpoint, unfinished
 
 
 def preflight(cfg, inputs, d):

@@ -6,8 +6,8 @@ its docstring (which states the equation); the rest of its body becomes one line
 `raise NotImplementedError("exercise NAME: see docs/assignments.md")`. Every other line of every file is
 copied byte for byte, so the rest of the project runs unchanged once the exercises are written.
 
-    python assignment.py --out ../student               # the student copy (a new or empty directory)
-    python assignment.py --reference-into ../student    # put this repository's bodies back into a copy
+    python -m tools.assignment --out ../student               # the student copy (a new or empty directory)
+    python -m tools.assignment --reference-into ../student    # put this repository's bodies back into a copy
 
 Students run `python -m pytest tests/test_assignments.py -k NAME`; docs/assignments.md is their handout.
 --reference-into (the function insert_reference) matches the bodies by exercise name: the teacher's check,
@@ -22,9 +22,9 @@ import tokenize
 from dataclasses import dataclass
 from pathlib import Path
 
-from config import cli, parse_config
+from lib.config import cli, parse_config
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent  # the repository
 SKIPPED_DIRS = {"runs", "exported", "__pycache__"}  # and every directory whose name starts with "."
 MARKER = re.compile(r"# exercise: (\w+)")
 
@@ -41,11 +41,11 @@ class AssignmentConfig:
 
 def repo_files(root, skip=None):
     """Relative paths of the files a copy takes: all but dot-directories, runs/, exported/, caches, *.pyc,
-    the directory `skip` and any other copy of the repository (a directory with its own assignment.py), so
+    the directory `skip` and any other copy of the repository (a directory with its own tools/assignment.py), so
     that a student copy made inside the repository is neither copied again nor taken for the reference."""
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in SKIPPED_DIRS
-                             and Path(dirpath, d).resolve() != skip and not Path(dirpath, d, "assignment.py").exists())
+                             and Path(dirpath, d).resolve() != skip and not Path(dirpath, d, "tools/assignment.py").exists())
         yield from (Path(dirpath, f).relative_to(root) for f in sorted(filenames) if not f.endswith(".pyc"))
 
 

@@ -1,0 +1,1 @@
+"""Tools around the course: chat, sample, plot, export, benchmark, assignment mode."""
