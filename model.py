@@ -1,7 +1,7 @@
 """A compact GPT for every stage of the pipeline: the policy, the reference, the reward and value models.
 
 The public surface follows nanoGPT (GPTConfig, GPT, forward -> (logits, loss), generate,
-configure_optimizers, estimate_mfu, from_pretrained) with what RLHF adds:
+configure_optimizers, from_pretrained) with what RLHF adds:
 - logits at every position, per-token log-probabilities of given tokens, a loss with a per-token mask;
 - padding: an attention mask (1 = real token) plus position ids that skip the pad, so a left-padded
   prompt gives exactly the logits it gives alone;
@@ -336,15 +336,6 @@ class GPT(nn.Module):
         fused = device_type == "cuda"  # fused AdamW: one kernel for all parameters
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
 
-    def estimate_mfu(self, fwdbwd_per_iter, dt, device=None):
-        """Model FLOPs utilisation: achieved FLOP/s (PaLM appendix B count) / the device's peak."""
-        cfg = self.config
-        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
-        flops_per_token = 6 * self.get_num_params() + 12 * L * H * Q * T
-        flops_per_iter = flops_per_token * T * fwdbwd_per_iter
-        peak = peak_flops(device if device is not None else next(self.parameters()).device)
-        return flops_per_iter / dt / peak if peak else float("nan")
-
     @classmethod
     def from_pretrained(cls, name_or_path, head="lm", dropout=0.0, score_logprob=False):
         """GPT-2 weights in the Hugging Face layout (config.json + model.safetensors): a name from
@@ -405,22 +396,3 @@ def load_lm_into(model, lm_state_dict):
     missing = [k for k in missing if not k.startswith(("score_head.", "lm_head.", "logprob_gain"))]
     if missing or unexpected:
         raise KeyError(f"checkpoint does not fit the model: missing {missing}, unexpected {unexpected}")
-
-
-# --- device peak FLOP/s, for MFU -------------------------------------------------------------------------
-PEAK_BF16_FLOPS = {  # dense bf16 tensor-core peak per device name fragment (vendor data sheets)
-    "H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12, "A10": 125e12,
-    "L40S": 362e12, "L4": 121e12, "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12,
-}
-
-
-def peak_flops(device):
-    """Peak bf16 FLOP/s of a CUDA device by name, or None when unknown (then MFU is reported as nan)."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, flops in PEAK_BF16_FLOPS.items():  # ordered: "H100 PCIe" is tried before "H100"
-        if key in name:
-            return flops
-    return None

@@ -6,8 +6,9 @@ pi_RL (from SFT) maximises equation 2 of the paper, with kl_coef = the paper's b
     objective = E_{(x,y) ~ pi_RL} [ r_theta(x, y) - kl_coef * log(pi_RL(y|x) / pi_SFT(y|x)) ]
                 + gamma_ptx * E_{x ~ D_pretrain} [ log pi_RL(x) ]          (gamma_ptx = 0: "PPO"; > 0: "PPO-ptx")
 
-main() runs the paper's loop; each iteration is five functions: 1. rollout, 2. score, 3. compute_rewards,
-4. compute_gae, 5. ppo_update (+ ptx). The value model starts from the RM (own weights and learning rate).
+main() runs the paper's loop; each iteration takes five steps: 1. rollout, 2. score (with the rollout's
+log-probs under pi_RL and pi_SFT and its values: old_logprobs_and_values), 3. compute_rewards, 4. compute_gae,
+5. ppo_update (+ ptx). The value model starts from the RM (own weights and learning rate).
 
 --advantage grpo or rloo replaces step 4 and the value model by a group baseline: each prompt is sampled
 --group-size G times, and a response's advantage (the same at each of its tokens) is its total reward (score
@@ -31,6 +32,7 @@ GRPO's loss is a mean per token here, not per response then per group.
 policy's LayerNorm gains and biases, at a learning rate 100x the whole model's: with 64 episodes an
 iteration, that is the step that learns here (README, "Why RL barely moves a policy").
 """
+import copy
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -42,9 +44,10 @@ from tqdm import tqdm
 from data.batches import pad_left, shuffled_indices, text_windows
 from data.formats import load_prompts, load_text
 from data.judge import assess, gold_reward
+from data.tokenizer import get_tokenizer
 from data.world import parse_prompt
-from lib.common import (Dist, RunConfig, RunLog, atomic_copy, load_rl_models, save_checkpoint,
-                        set_seed, update_ema)
+from lib.common import (Dist, RunConfig, RunLog, atomic_copy, check_max_new_tokens, load_checkpoint,
+                        model_from_checkpoint, save_checkpoint, set_seed, update_ema)
 from lib.config import cli, parse_config
 from lib.reliability import Interrupt, NonFiniteGuard, preflight, resume_training, training_state
 from lib.sampling import (UNENDED_SCORE, decode_response, encode_queries, make_generator,
@@ -380,6 +383,52 @@ def adaptive_kl_coef(kl_coef, kl, kl_target, kl_horizon, n_episodes):
 
 
 # --- plumbing of the loop (skip on a first read) ----------------------------------------------------------------
+def load_rl_models(cfg, d):
+    """The models of RL fine-tuning: the policy and the frozen reference pi_SFT from cfg.sft, the
+    frozen RM and the value model from cfg.rm (None for GRPO and RLOO; with --resume: the interrupted run's
+    policy and value model), the policy's EMA when cfg.ema_decay > 0 (else None); then the tokenizer and the
+    resumed checkpoint (or None). With cfg.rm "gold" (the world's gold judge) there is no RM (None) and the
+    value model starts from the SFT trunk with a fresh scalar head."""
+    sft_ckpt = load_checkpoint(cfg.sft, kind="lm")
+    rm_ckpt = None if cfg.rm == "gold" else load_checkpoint(cfg.rm, kind="scalar")
+    if rm_ckpt is not None and sft_ckpt["tokenizer"] != rm_ckpt["tokenizer"]:
+        raise ValueError(f"{cfg.sft} uses tokenizer {sft_ckpt['tokenizer']} but {cfg.rm} uses {rm_ckpt['tokenizer']}")
+    check_max_new_tokens(sft_ckpt, cfg.max_new_tokens, cfg.sft)
+    policy = model_from_checkpoint(sft_ckpt, head="lm", dropout=0.0).to(d.device)
+    ref_policy = model_from_checkpoint(sft_ckpt, head="lm", dropout=0.0).to(d.device).eval().requires_grad_(False)
+    reward_model = (model_from_checkpoint(rm_ckpt, dropout=0.0).to(d.device).eval().requires_grad_(False)
+                    if rm_ckpt is not None else None)
+    # GRPO and RLOO (--advantage grpo|rloo) use a group baseline instead of a value model
+    value_model = (model_from_checkpoint(rm_ckpt or sft_ckpt, head="scalar", dropout=0.0).to(d.device)
+                   if cfg.advantage == "gae" else None)
+    ema = copy.deepcopy(policy).requires_grad_(False) if cfg.ema_decay > 0 else None
+    resumed = None
+    if cfg.resume:  # the interrupted run's models; ckpt.pt's "model" is the EMA when there is one
+        path = f"{cfg.out_dir}/ckpt.pt"
+        resumed = load_checkpoint(path, quiet=True)  # no note that --resume finishes it: this is --resume
+        try:
+            policy.load_state_dict(resumed.get("policy", resumed["model"]))
+            if value_model is not None:
+                value_model.load_state_dict(resumed["value_model"])
+            if ema is not None and "policy" in resumed:
+                ema.load_state_dict(resumed["model"])
+        except RuntimeError:  # torch's message lists every tensor that differs, one per line
+            raise ValueError(f"--resume: the shapes of the models in {path} differ from those built from --sft "
+                             "and --rm (another model size); resume with the checkpoints its run started from, "
+                             "or run without --resume") from None
+    trained = [m for m in (policy, value_model) if m is not None]
+    for m in trained:
+        m.gradient_checkpointing = cfg.grad_checkpointing
+    frozen = [m for m in (ref_policy, reward_model) if m is not None]
+    if cfg.frozen_bf16 and d.device_type == "cuda":  # inference only: bf16 weights halve their memory
+        for m in frozen:
+            m.to(torch.bfloat16)
+    if cfg.compile:
+        for m in (*trained, *frozen):
+            m.compile()
+    return policy, ref_policy, reward_model, value_model, ema, get_tokenizer(sft_ckpt["tokenizer"]), resumed
+
+
 def check_inputs(cfg, d):
     if cfg.batch_size % d.world_size or cfg.minibatch_size % d.world_size or cfg.ptx_batch_size % d.world_size:
         raise ValueError(f"--batch-size, --minibatch-size and --ptx-batch-size must be multiples of {d.world_size}")
@@ -495,7 +544,7 @@ def main():
         ro = rollout(policy, [queries[i] for i in batch], tok, cfg, d, sample_gen)  # 1. rollout
         t_gen = time.time() - t0
         scores = score(reward_model, ro, [prompts[i] for i in batch], tok, cfg, d)  # 2. score
-        logprobs, ref_logprobs, values, exact_kl, entropy = old_logprobs_and_values(  # 3. the KL's log-probs
+        logprobs, ref_logprobs, values, exact_kl, entropy = old_logprobs_and_values(  # 2. and log-probs, values
             policy, ref_policy, value_model, ro, cfg, d)
         mask = ro.response_mask.float()
         rewards, kl, non_score_reward = compute_rewards(scores, logprobs, ref_logprobs, mask, kl_coef)  # 3. rewards

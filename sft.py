@@ -17,26 +17,24 @@ last one, not the one with the best RM score on a validation set (the paper sele
 """
 import math
 import sys
-import time
 from dataclasses import dataclass
 
 import torch
-from tqdm import tqdm
 
 from data.batches import (encode_example, pad_right, shuffled_indices, text_windows, val_windows,
                           warn_counts)
 from data.formats import load_sft, load_text
 from data.tokenizer import get_tokenizer
-from lib.common import (Dist, RunConfig, RunLog, check_ranges, cosine_lr, load_model, prepare_model,
-                        save_checkpoint, set_seed)
+from lib.common import Dist, check_ranges, load_model, prepare_model, set_seed
 from lib.config import cli, parse_config
-from lib.reliability import Interrupt, NonFiniteGuard, preflight, resume_training, training_state
+from lib.reliability import preflight
+from lib.training import TrainConfig, TrainingRun, check_batch_size, micro_batches, optimizer_step
 from lib.weights import GPT2_NAMES
 from model import GPT, GPTConfig
 
 
 @dataclass
-class SFTConfig(RunConfig):
+class SFTConfig(TrainConfig):
     out_dir: str = "runs/sft"  # where ckpt.pt and metrics.jsonl go
     init: str = "scratch"  # "scratch", a checkpoint of this project, a GPT-2 name (gpt2, gpt2-medium, ...) or HF dir
     sft_data: str | None = None  # demonstrations: JSONL {"prompt","response"} (or Alpaca); loss on responses only
@@ -57,15 +55,9 @@ class SFTConfig(RunConfig):
     batch_size: int = 32  # sequences per optimiser step, over all processes
     micro_batch_size: int = 32  # sequences per forward pass; the rest is gradient accumulation
     lr: float = 1e-3  # peak learning rate
-    min_lr_ratio: float = 0.1  # cosine decay to this fraction of the peak (the paper: 10%)
-    warmup_iters: int = 0  # linear warmup steps (the paper: none)
     weight_decay: float = 0.1  # AdamW weight decay on matrices
-    beta1: float = 0.9  # Adam beta1 (paper 0.9)
-    beta2: float = 0.95  # Adam beta2 (paper 0.95)
-    grad_clip: float = 1.0  # clip the global gradient norm; 0 = off
     eval_interval: int = 100  # steps between validation losses
     eval_batches: int = 20  # validation micro-batches per evaluation
-    log_interval: int = 10  # steps between log lines
 
     def __post_init__(self):
         super().__post_init__()  # the shared settings' ranges (common.RunConfig)
@@ -74,9 +66,6 @@ class SFTConfig(RunConfig):
         check_ranges(self, (), ("max_response_tokens",))
         if not 0.0 <= self.ptx_fraction < 1.0:
             raise ValueError(f"--ptx-fraction must be in [0, 1), got {self.ptx_fraction}")
-        if self.batch_size % self.micro_batch_size:
-            raise ValueError(f"--batch-size {self.batch_size} is not a multiple of --micro-batch-size "
-                             f"{self.micro_batch_size}")
 
 
 class Batches:
@@ -151,23 +140,16 @@ def train_step(ddp_model, optimizer, guard, batch, it, cfg, d):
     loss per counted token. The loss is normalised by the counted tokens of the whole global batch, so that
     it (and its gradient) is the same however the batch is split over micro-batches and processes."""
     n_global = sum(len(ids) - max(n_query, 1) for ids, n_query in batch)  # the targets sft_loss_mask counts
-    mine = batch[d.rank::d.world_size]
-    accum = cfg.batch_size // (cfg.micro_batch_size * d.world_size)
     loss_sum = torch.zeros((), device=d.device)
-    for micro in range(accum):
-        x, y, mask = collate(mine[micro * cfg.micro_batch_size:(micro + 1) * cfg.micro_batch_size], d.device)
-        if d.ddp:
-            ddp_model.require_backward_grad_sync = micro == accum - 1  # all-reduce once, on the last micro-batch
+    for examples in micro_batches(ddp_model, batch, cfg, d):
+        x, y, mask = collate(examples, d.device)
         with d.autocast():
             _, loss = ddp_model(x, y, loss_mask=mask)
         # DDP averages gradients over processes: scale by world_size to get a sum over the global batch
         scaled = loss * mask.sum() / n_global
         (scaled * d.world_size).backward()
         loss_sum += scaled.detach()
-    grad_norm = torch.nn.utils.clip_grad_norm_(ddp_model.parameters(), cfg.grad_clip or math.inf)  # inf: no clip
-    if guard.ok(it, loss_sum, grad_norm):
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer_step(ddp_model, optimizer, guard, it, loss_sum, cfg.grad_clip)
     return loss_sum
 
 
@@ -190,16 +172,14 @@ def main():
     # -- config, model (before the data: its tokenizer and context length decide how the data is encoded)
     cfg = parse_config(SFTConfig)
     d = Dist(cfg.device, cfg.dtype)
-    if cfg.batch_size % (cfg.micro_batch_size * d.world_size):
-        raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch-size x processes "
-                         f"({cfg.micro_batch_size} x {d.world_size})")
+    check_batch_size(cfg, d)
     preflight(cfg, {"--init": cfg.init if cfg.init not in ("scratch", *GPT2_NAMES) else None,
                     "--sft-data": cfg.sft_data, "--val-sft-data": cfg.val_sft_data,
                     "--text-data": cfg.text_data, "--val-text-data": cfg.val_text_data}, d)
     set_seed(cfg.seed)  # the same init on every rank
     init = f"{cfg.out_dir}/ckpt.pt" if cfg.resume else cfg.init  # --resume: the interrupted run's weights
     if init == "scratch":
-        tokenizer = cfg.tokenizer
+        tokenizer, ckpt = cfg.tokenizer, None
         model = GPT(GPTConfig(block_size=cfg.block_size or cfg.seq_len, vocab_size=get_tokenizer(tokenizer).n_vocab,
                               n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout))
     else:
@@ -225,43 +205,23 @@ def main():
     max_iters = cfg.max_iters or max(1, round(cfg.epochs * batches.iters_per_epoch()))
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), d.device_type)
 
-    # -- plumbing (skip on a first read): --resume, periodic saves, Ctrl-C, non-finite steps; see lib/reliability.py
-    # opened only now that inputs and models have loaded: a failed fresh start keeps the old log
-    log = RunLog(cfg.out_dir, enabled=d.master, resume=cfg.resume)
-    start = resume_training(ckpt, cfg, max_iters, d, log, [optimizer]) if cfg.resume else 0
-
-    def save(step):  # the weights and what --resume needs, every --save-interval steps and at the end
-        if d.master:
-            save_checkpoint(f"{cfg.out_dir}/ckpt.pt", model, cfg, tokenizer, iter=step, max_iters=max_iters,
-                            **longest, **training_state(d, [optimizer]))
-    interrupt, guard = Interrupt(d), NonFiniteGuard(cfg.max_bad_steps, d)
-    t_last, it_last = time.time(), start - 1  # time and step of the last log line
-
-    # -- training loop
-    for it in tqdm(interrupt.steps(start, max_iters), total=max_iters, initial=start,
-                   desc="sft" if cfg.sft_data else "pretrain", disable=not d.master):
-        lr = cosine_lr(it, max_iters, cfg.lr, cfg.lr * cfg.min_lr_ratio, cfg.warmup_iters)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+    # -- training loop; the plumbing (log, --resume, saves, Ctrl-C, non-finite steps) is lib/training.py's
+    desc = "sft" if cfg.sft_data else "pretrain"
+    run = TrainingRun(cfg, d, model, tokenizer, optimizer, max_iters, ckpt, desc, **longest)
+    for it in run.steps():
         batch = batches(it)
-        loss = train_step(ddp_model, optimizer, guard, batch, it, cfg, d)
-        if it % cfg.log_interval == 0 or it == max_iters - 1:
-            dt = (time.time() - t_last) / (it - it_last)  # per step since the last log line
-            t_last, it_last = time.time(), it
-            log.log(it, loss=d.all_reduce_mean(loss).item() * d.world_size, lr=lr, ms=dt * 1000,
-                    tokens_per_s=sum(len(ids) - 1 for ids, _ in batch) / dt, **guard.stats())
-        if d.master and (val_sft or val_text) and (it % cfg.eval_interval == 0 or it == max_iters - 1):
+        loss = train_step(ddp_model, optimizer, run.guard, batch, it, cfg, d)
+        if run.is_log_step(it):
+            run.log_step(it, loss, tokens=sum(len(ids) - 1 for ids, _ in batch))
+        if (val_sft or val_text) and run.is_eval_step(it):
             metrics = {}
             if val_sft:
                 metrics["val_loss"] = validation_loss(model, val_sft, cfg, d)
             if val_text:
                 metrics["val_text_loss"] = validation_loss(model, val_text, cfg, d)
-            log.log(it, **metrics)
-        if cfg.save_interval and (it + 1) % cfg.save_interval == 0 and it + 1 < max_iters:
-            save(it + 1)
+            run.log.log(it, **metrics)
+    run.finish()
 
-    # -- save (after Ctrl-C too: the state to --resume from), then exit
-    interrupt.finish(save, cfg.out_dir)
 
 if __name__ == "__main__":
     cli(main)

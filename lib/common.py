@@ -2,7 +2,6 @@
 (and the four models of RL fine-tuning), the metrics log, the learning-rate schedule. Command lines are
 lib/config.py's; resuming, Ctrl-C and non-finite steps are lib/reliability.py's; batching is data/batches.py's.
 """
-import copy
 import dataclasses
 import json
 import math
@@ -22,7 +21,6 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from data.formats import atomic_open, write_text
-from data.tokenizer import get_tokenizer
 from model import GPT, GPTConfig, load_lm_into
 
 
@@ -52,6 +50,9 @@ class RunConfig:
         first): a batch size of 0 or a negative warmup is a one-line error (exit code 2), not a
         ZeroDivisionError or a run that silently trains nothing."""
         check_ranges(self, POSITIVE, NON_NEGATIVE)
+        if hasattr(self, "micro_batch_size") and self.batch_size % self.micro_batch_size:
+            raise ValueError(f"--batch-size {self.batch_size} is not a multiple of --micro-batch-size "
+                             f"{self.micro_batch_size}")
 
 
 def check_ranges(cfg, positive, non_negative=()):
@@ -316,52 +317,6 @@ def model_from_checkpoint(ckpt, head=None, dropout=None, score_logprob=False):
     model = GPT(GPTConfig(**cfg))
     load_lm_into(model, ckpt["model"])
     return model
-
-
-def load_rl_models(cfg, d):
-    """The models of RL fine-tuning (ppo.py): the policy and the frozen reference pi_SFT from cfg.sft, the
-    frozen RM and the value model from cfg.rm (None for GRPO and RLOO; with --resume: the interrupted run's
-    policy and value model), the policy's EMA when cfg.ema_decay > 0 (else None); then the tokenizer and the
-    resumed checkpoint (or None). With cfg.rm "gold" (the world's gold judge) there is no RM (None) and the
-    value model starts from the SFT trunk with a fresh scalar head."""
-    sft_ckpt = load_checkpoint(cfg.sft, kind="lm")
-    rm_ckpt = None if cfg.rm == "gold" else load_checkpoint(cfg.rm, kind="scalar")
-    if rm_ckpt is not None and sft_ckpt["tokenizer"] != rm_ckpt["tokenizer"]:
-        raise ValueError(f"{cfg.sft} uses tokenizer {sft_ckpt['tokenizer']} but {cfg.rm} uses {rm_ckpt['tokenizer']}")
-    check_max_new_tokens(sft_ckpt, cfg.max_new_tokens, cfg.sft)
-    policy = model_from_checkpoint(sft_ckpt, head="lm", dropout=0.0).to(d.device)
-    ref_policy = model_from_checkpoint(sft_ckpt, head="lm", dropout=0.0).to(d.device).eval().requires_grad_(False)
-    reward_model = (model_from_checkpoint(rm_ckpt, dropout=0.0).to(d.device).eval().requires_grad_(False)
-                    if rm_ckpt is not None else None)
-    # GRPO and RLOO (--advantage grpo|rloo) use a group baseline instead of a value model
-    value_model = (model_from_checkpoint(rm_ckpt or sft_ckpt, head="scalar", dropout=0.0).to(d.device)
-                   if cfg.advantage == "gae" else None)
-    ema = copy.deepcopy(policy).requires_grad_(False) if cfg.ema_decay > 0 else None
-    resumed = None
-    if cfg.resume:  # the interrupted run's models; ckpt.pt's "model" is the EMA when there is one
-        path = f"{cfg.out_dir}/ckpt.pt"
-        resumed = load_checkpoint(path, quiet=True)  # no note that --resume finishes it: this is --resume
-        try:
-            policy.load_state_dict(resumed.get("policy", resumed["model"]))
-            if value_model is not None:
-                value_model.load_state_dict(resumed["value_model"])
-            if ema is not None and "policy" in resumed:
-                ema.load_state_dict(resumed["model"])
-        except RuntimeError:  # torch's message lists every tensor that differs, one per line
-            raise ValueError(f"--resume: the shapes of the models in {path} differ from those built from --sft "
-                             "and --rm (another model size); resume with the checkpoints its run started from, "
-                             "or run without --resume") from None
-    trained = [m for m in (policy, value_model) if m is not None]
-    for m in trained:
-        m.gradient_checkpointing = cfg.grad_checkpointing
-    frozen = [m for m in (ref_policy, reward_model) if m is not None]
-    if cfg.frozen_bf16 and d.device_type == "cuda":  # inference only: bf16 weights halve their memory
-        for m in frozen:
-            m.to(torch.bfloat16)
-    if cfg.compile:
-        for m in (*trained, *frozen):
-            m.compile()
-    return policy, ref_policy, reward_model, value_model, ema, get_tokenizer(sft_ckpt["tokenizer"]), resumed
 
 
 def prepare_model(model, cfg, d):

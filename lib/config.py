@@ -18,15 +18,25 @@ import typing
 
 
 def _field_comments(cls):
-    """{field: comment} from lines like `lr: float = 3e-4  # peak learning rate` in the class source."""
+    """{field: help} from the class source: the comment after a field (`lr: float = 3e-4  # peak learning
+    rate`), or, for a field without one, the comment lines directly above it."""
     comments = {}
     for klass in reversed(cls.__mro__[:-1]):
         try:
             src = inspect.getsource(klass)
         except (OSError, TypeError):
             continue
-        for m in re.finditer(r"^\s+(\w+)\s*:[^=\n#]+(?:=[^#\n]*)?#\s*(.+)$", src, re.M):
-            comments[m.group(1)] = m.group(2).strip()
+        above = []
+        for line in src.splitlines():
+            if m := re.match(r"^\s+#\s*(.*)$", line):
+                above.append(m.group(1).strip())
+            elif m := re.match(r"^\s+(\w+)\s*:[^=\n#]+(?:=[^#\n]*)?(?:#\s*(.+))?$", line):
+                text = m.group(2) or " ".join(above)
+                if text:
+                    comments[m.group(1)] = text.strip()
+                above = []
+            else:
+                above = []
     return comments
 
 

@@ -15,11 +15,12 @@ import torch.nn.functional as F
 
 from data.batches import text_windows
 from dpo import dpo_loss
+from lib.rankings import ranked_pairs
 import model
 from model import GPT, GPTConfig, attention
 from ppo import (adaptive_kl_coef, compute_gae, compute_rewards, group_advantages, ppo_losses,
                  ptx_loss)
-from reward import better_than, ranking_loss
+from reward import ranking_loss
 from sft import collate, sft_loss_mask
 
 
@@ -105,12 +106,12 @@ RANKINGS = [[2, 0, 3, 1], [1, 0], [0, 2, 1]]  # K = 4, 2, 3 in one batch; best f
 
 
 def ranked_batch():
-    """Random rewards (padding slots hold large garbage that must not count) and better_than masks, Kmax = 4."""
+    """Random rewards (padding slots hold large garbage that must not count) and ranked_pairs masks, Kmax = 4."""
     torch.manual_seed(2)
     rewards = torch.randn(len(RANKINGS), 4) + 10.0 * torch.tensor([[0, 0, 0, 0], [0, 0, 1, 1], [0, 0, 0, 1]])
     better = torch.zeros(len(RANKINGS), 4, 4, dtype=torch.bool)
     for p, ranking in enumerate(RANKINGS):
-        better[p, :len(ranking), :len(ranking)] = better_than(ranking, len(ranking))
+        better[p, :len(ranking), :len(ranking)] = ranked_pairs([{"ranking": ranking}], len(ranking), "cpu")[0]
     return rewards, better
 
 

@@ -11,8 +11,9 @@ import torch
 from data.batches import encode_rankings
 from data.formats import encode_chat
 from data.tokenizer import get_tokenizer
-from dpo import dpo_loss, mean_stats, ranked_pairs, response_logprobs, train_step
+from dpo import dpo_loss, mean_stats, ranked_logprobs, train_step
 from lib.common import Dist, check_max_new_tokens, load_checkpoint, stage_finished
+from lib.rankings import ranked_pairs
 from lib.reliability import NonFiniteGuard
 from lib.sampling import load_policy
 from model import GPT, GPTConfig
@@ -92,7 +93,7 @@ def test_dpo_loss_matches_a_hand_computation_over_all_pairs(tmp_path):
 
     prompts = encode_rankings(write_rankings(tmp_path / "rank.jsonl", RANKINGS), TOK, 128)
     with torch.no_grad():
-        logps, ref_logps = response_logprobs(policy, prompts, "cpu"), response_logprobs(ref, prompts, "cpu")
+        logps, ref_logps = ranked_logprobs(policy, prompts, "cpu"), ranked_logprobs(ref, prompts, "cpu")
     for i, r in enumerate(RANKINGS):
         by_hand = torch.tensor([logprob_by_hand(policy, r["prompt"], y) for y in r["responses"]])
         assert torch.allclose(logps[i, :len(by_hand)], by_hand.float(), atol=1e-4), (logps[i], by_hand)

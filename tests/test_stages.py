@@ -16,9 +16,10 @@ import torch.nn.functional as F
 from data.formats import encode_chat
 from data.tokenizer import get_tokenizer
 from lib.common import load_checkpoint, model_from_checkpoint, save_checkpoint
+from lib.rankings import ranked_pairs
 from lib.sampling import score_responses
 from model import GPT, GPTConfig
-from reward import better_than, forward_prompts, ranking_loss
+from reward import ranked_scores, ranking_loss
 from sft import collate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,7 +32,7 @@ def test_ranking_loss_equals_brute_force_over_all_pairs():
     rewards = torch.randn(3, Kmax)
     better = torch.zeros(3, Kmax, Kmax, dtype=torch.bool)
     for p, rk in enumerate(rankings):
-        better[p, :len(rk), :len(rk)] = better_than(rk, len(rk))
+        better[p, :len(rk), :len(rk)] = ranked_pairs([{"ranking": rk}], len(rk), "cpu")[0]
     got = ranking_loss(rewards, better)
     for p, rk in enumerate(rankings):
         pairs = list(itertools.combinations(rk, 2))  # (w, l): w appears earlier in the ranking = better
@@ -43,7 +44,7 @@ def test_ranking_loss_equals_brute_force_over_all_pairs():
 def test_ranking_loss_gradient_matches_hand_derivation():
     r = torch.tensor([[0.3, -1.2, 2.0]], requires_grad=True)
     ranking = [1, 2, 0]  # response 1 best, then 2, then 0
-    loss = ranking_loss(r, better_than(ranking, 3)[None])[0]
+    loss = ranking_loss(r, ranked_pairs([{"ranking": ranking}], 3, "cpu"))[0]
     loss.backward()
     # d/dr_i of -1/C sum log sigmoid(r_w - r_l) = -1/C [sum_{i beats l} sigmoid(r_l - r_i) - sum_{w beats i} sigmoid(r_i - r_w)]
     sig = lambda z: 1 / (1 + math.exp(-z))
@@ -61,10 +62,10 @@ def test_each_response_is_forwarded_once():
     rm.register_forward_hook(lambda mod, args, out: rows_seen.append(args[0].size(0)))
     prompts = [{"seqs": [([1, 2, 3 + k] + [7] * (5 * k % 4), 2) for k in range(K)], "ranking": list(range(K))}
                for K in (4, 9, 2)]
-    rewards, better = forward_prompts(rm, prompts, "cpu")
+    rewards, better = ranked_scores(rm, prompts, "cpu")
     assert rows_seen == [4 + 9 + 2]  # K rows per prompt, once each: not 2 * C(K, 2)
     rows_seen.clear()
-    chunked, _ = forward_prompts(rm, prompts, "cpu", rows_per_pass=4)  # length-sorted passes of <= 4 rows
+    chunked, _ = ranked_scores(rm, prompts, "cpu", rows_per_pass=4)  # length-sorted passes of <= 4 rows
     assert rows_seen == [4, 4, 4, 3]
     torch.testing.assert_close(chunked, rewards)  # the same score for each response, in its place
     assert rewards.shape == (3, 9) and better[0].sum() == 6 and better[1].sum() == 36 and better[2].sum() == 1

@@ -3,7 +3,7 @@
 For each model shape (tiny: 4 layers, 4 heads, 128 wide, byte vocabulary 258, context 256; gpt2: the
 124M GPT-2 shape, 12 layers, 12 heads, 768 wide, vocabulary 50257, context 1024), on one device:
 - training tokens/s of a full step (forward + backward + AdamW from model.configure_optimizers) and MFU
-  (model.estimate_mfu; nan where the peak FLOP/s is unknown, as on CPU), with the hand-written attention;
+  (estimate_mfu; nan where the peak FLOP/s is unknown, as on CPU), with the hand-written attention;
   with --compile also GPT(config, compile=True), warmed up (compiled) before timing, for decode too;
 - decode tokens/s of model.generate with the KV cache (batch 16, 32-token random prompts, 128 new tokens,
   sampling at temperature 1, no top-k, no end-of-text): B * 128 new tokens / seconds (prefill included),
@@ -31,7 +31,7 @@ Run:
 Deliberate shortcuts: on CPU the gpt2 shape trains with B=4, T=256 (not the full 1024 context), and its
 no-cache decode runs only 8 new tokens (128 would take minutes on 2 cores): since the no-cache cost per
 token grows with length, the printed cache / no-cache ratio is then a lower bound of the 128-token one.
-MFU counts attention FLOPs at the full context (model.estimate_mfu), so with T < block_size it is an
+MFU counts attention FLOPs at the full context (estimate_mfu), so with T < block_size it is an
 overestimate of the attention part.
 """
 import json
@@ -60,6 +60,35 @@ try:
 except ImportError:
     GPT2LMHeadModel = None
 
+
+
+# --- device peak FLOP/s, for MFU -------------------------------------------------------------------------
+PEAK_BF16_FLOPS = {  # dense bf16 tensor-core peak per device name fragment (vendor data sheets)
+    "H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12, "A10": 125e12,
+    "L40S": 362e12, "L4": 121e12, "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12,
+}
+
+
+def peak_flops(device):
+    """Peak bf16 FLOP/s of a CUDA device by name, or None when unknown (then MFU is reported as nan)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in PEAK_BF16_FLOPS.items():  # ordered: "H100 PCIe" is tried before "H100"
+        if key in name:
+            return flops
+    return None
+
+
+def estimate_mfu(model, fwdbwd_per_iter, dt, device=None):
+    """Model FLOPs utilisation: achieved FLOP/s (PaLM appendix B count) / the device's peak."""
+    cfg = model.config
+    L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
+    flops_per_token = 6 * model.get_num_params() + 12 * L * H * Q * T
+    flops_per_iter = flops_per_token * T * fwdbwd_per_iter
+    peak = peak_flops(device if device is not None else next(model.parameters()).device)
+    return flops_per_iter / dt / peak if peak else float("nan")
 
 @dataclass
 class BenchConfig:
@@ -158,7 +187,7 @@ def bench_train(name, cfg, bc, dev, hfs):
     secs = interleaved(fns, 1 if bc.quick else bc.repeats, dev.device_type, 0.0 if bc.quick else 5.0)
     tok_s = {k: B * T / s for k, s in secs.items()}
     # estimate_mfu counts a step as fwdbwd_per_iter sequences of block_size tokens
-    mfu = {k: ours.estimate_mfu(B * T / cfg.block_size, secs[k]) for k in ("ours", "compiled") if k in secs}
+    mfu = {k: estimate_mfu(ours, B * T / cfg.block_size, secs[k]) for k in ("ours", "compiled") if k in secs}
     del fns, ours
     return (B, T), tok_s, mfu
 
