@@ -1,19 +1,20 @@
 """Stage 2: the reward model (RM), trained on K-wise rankings with the paper's pairwise loss.
 
-The RM is the SFT model with its unembedding replaced by a scalar head; r_theta(x, y) is the head's output
-at the last token of the response (its end-of-text). Labelers ranked K = 4..9 responses per prompt, which
-gives C(K,2) comparisons; all of them form ONE batch element, so each response is forwarded once (K
-passes, not 2 * C(K,2)) and correlated comparisons do not overfit (section 3.5, appendix C.2). After
-training, the head is rescaled so that the demonstrations score 0 +- 1 (the paper adds a bias for mean 0).
+The RM is the SFT model with its unembedding replaced by a scalar head; r_theta(x, y) is the head's
+output at the last token of the response (its end-of-text). Labelers ranked K = 4..9 responses per
+prompt, which gives C(K,2) comparisons; all of them form ONE batch element, so each response is
+forwarded once (K passes, not 2 * C(K,2)) and correlated comparisons do not overfit (section 3.5,
+appendix C.2). After training, the head is rescaled so that the demonstrations score 0 +- 1 (the
+paper adds a bias for mean 0).
 
     python reward.py --init runs/sft/ckpt.pt --data runs/world/rankings_train.jsonl \\
-                     --val-data runs/world/rankings_val.jsonl --demo-data runs/world/sft_val.jsonl   # CPU
-    torchrun --nproc_per_node=4 reward.py --init runs/sft/ckpt.pt ...                              # GPUs
-    python reward.py ... --resume    # after Ctrl-C (which saves) or a crash: continue from out_dir/ckpt.pt
+                     --val-data runs/world/rankings_val.jsonl --demo-data runs/world/sft_val.jsonl
+    torchrun --nproc_per_node=4 reward.py --init runs/sft/ckpt.pt ...         # GPUs
+    python reward.py ... --resume   # after Ctrl-C (which saves) or a crash: continue the run
 
-Pairwise data ({"prompt","chosen","rejected"} or HH-RLHF transcripts) is K = 2.
-Deviations from the paper: the RM is as small as the policy (the paper used a 6B RM for every policy).
-With --score-logprob (off by default; train.sh passes it on the built-in world) r also counts the
+Pairwise data ({"prompt","chosen","rejected"} or HH-RLHF transcripts) is K = 2. Deviations from the
+paper: the RM is as small as the policy (the paper used a 6B RM for every policy). With
+--score-logprob (off by default; train.sh passes it on the built-in world) r also counts the
 response's mean log-probability under the RM's own language-model head, kept from SFT and trained
 with it, times a learnt gain (model.response_score).
 """
@@ -40,12 +41,15 @@ from model import response_score
 @dataclass
 class RewardConfig(TrainConfig):
     out_dir: str = "runs/rm"  # where ckpt.pt and metrics.jsonl go
-    init: str = "runs/sft/ckpt.pt"  # the SFT checkpoint (or a GPT-2 name / HF dir) whose trunk starts the RM
+    # the SFT checkpoint (or a GPT-2 name / HF dir) whose trunk starts the RM
+    init: str = "runs/sft/ckpt.pt"
     data: str = "runs/world/rankings_train.jsonl"  # K-wise rankings JSONL (or pairwise / HH-RLHF)
     val_data: str | None = None  # held-out rankings for accuracy
-    demo_data: str | None = None  # demonstrations (SFT JSONL) whose mean score is set to 0 after training
+    # demonstrations (SFT JSONL) whose mean score is set to 0 after training
+    demo_data: str | None = None
     seq_len: int = 256  # longest prompt + response, in tokens
-    score_logprob: bool = False  # r also adds g x the response's mean log-prob (deviation; README)
+    # r also adds g x the response's mean log-prob (a deviation: docs/what_was_tried.md)
+    score_logprob: bool = False
     freeze_trunk: bool = False  # train the scalar head and g only; trunk and LM head stay SFT's
     epochs: float = 1.0  # passes over the rankings (the paper: 1)
     max_iters: int = 0  # optimiser steps; 0 = derived from epochs
@@ -60,16 +64,16 @@ class RewardConfig(TrainConfig):
 def ranking_loss(scores, better):
     """The paper's RM loss for each prompt, all its C(K,2) comparisons at once:
         loss = -1/C(K,2) * sum_{(y_w, y_l)} log sigmoid(r(x, y_w) - r(x, y_l))
-    scores (P, K): r(x, y) of each response; better (P, K, K) as from lib.rankings.ranked_pairs (padded
-    response slots have no True; a prompt without comparisons gets 0). Returns (P,)."""
+    scores (P, K): r(x, y) of each response; better (P, K, K) as from lib.rankings.ranked_pairs
+    (padded response slots have no True; a prompt without comparisons gets 0). Returns (P,)."""
     diff = scores[:, :, None] - scores[:, None, :]  # (P, K, K): r_i - r_j
     pair_losses = -F.logsigmoid(diff) * better
     return pair_losses.sum(dim=(1, 2)) / better.sum(dim=(1, 2)).clamp(min=1)
 
 
 def ranked_scores(model, prompts, device, rows_per_pass=32):
-    """r(x, y) of every response of every prompt, each forwarded once (P, Kmax), and the (P, Kmax, Kmax)
-    comparisons of ranking_loss."""
+    """r(x, y) of every response of every prompt, each forwarded once (P, Kmax), and the (P, Kmax,
+    Kmax) comparisons of ranking_loss."""
     def score(idx, first, last):  # GPT.score, written out: through the DDP wrapper when training
         values, logits = model(idx)
         return response_score(model, values, logits, idx, first, last)
@@ -78,7 +82,8 @@ def ranked_scores(model, prompts, device, rows_per_pass=32):
 
 
 def validation_accuracy(model, prompts, cfg, d):
-    """Pairwise accuracy on held-out rankings (overall and per K), the loss, and the score spread."""
+    """Pairwise accuracy on held-out rankings (overall and per K), the loss, and the score
+    spread."""
     model.eval()
     correct, total, loss_sum = defaultdict(int), defaultdict(int), 0.0
     all_scores = []
@@ -105,8 +110,9 @@ def validation_accuracy(model, prompts, cfg, d):
 
 
 def train_step(ddp_model, optimizer, guard, batch, it, cfg, d):
-    """One optimiser step on a global batch of ranked prompts: whole prompts per batch element, never
-    shuffled-apart pairs. Returns this process's part of the batch's mean loss, and its pairwise accuracy."""
+    """One optimiser step on a global batch of ranked prompts: whole prompts per batch element,
+    never shuffled-apart pairs. Returns this process's part of the batch's mean loss, and its
+    pairwise accuracy."""
     loss_sum, accuracies = torch.zeros((), device=d.device), []
     for prompts in micro_batches(ddp_model, batch, cfg, d):
         with d.autocast():
@@ -123,17 +129,19 @@ def train_step(ddp_model, optimizer, guard, batch, it, cfg, d):
 
 @torch.no_grad()
 def normalise(model, tok, cfg, d, seq_len):
-    """Rescale the head so that the demonstrations score 0 on average (the paper's bias) with standard
-    deviation 1 (a gain, as lm-human-preferences normalises its RM): kl_coef, the unended score and the value
-    model's targets then have a known size. Folded into the head: r' = (r - mean) / std."""
+    """Rescale the head so that the demonstrations score 0 on average (the paper's bias) with
+    standard deviation 1 (a gain, as lm-human-preferences normalises its RM): kl_coef, the unended
+    score and the value model's targets then have a known size. Folded into the head: r' = (r -
+    mean) / std."""
     stats, records = {}, load_sft(cfg.demo_data)
-    demos = [e for r in records if (e := encode_example(tok, r["prompt"], r["response"], seq_len, stats))]
+    demos = [e for r in records if (e := encode_example(tok, r["prompt"], r["response"], seq_len,
+                                                        stats))]
     warn_counts(cfg.demo_data, stats, len(records), max_len=seq_len)
     model.eval()
     with d.autocast():
         # score_responses takes (query, response) pairs: each demonstration split at its query's end
-        r = torch.tensor(score_responses(model, [ids[:n] for ids, n in demos], [ids[n:] for ids, n in demos],
-                                         cfg.micro_batch_size * 4))
+        queries, responses = [ids[:n] for ids, n in demos], [ids[n:] for ids, n in demos]
+        r = torch.tensor(score_responses(model, queries, responses, cfg.micro_batch_size * 4))
     mean, std = r.mean().item(), r.std().item()
     model.score_head.weight /= std
     model.score_head.bias.sub_(mean).div_(std)
@@ -150,7 +158,8 @@ def main():
     preflight(cfg, {"--init": cfg.init if cfg.init not in GPT2_NAMES else None, "--data": cfg.data,
                     "--val-data": cfg.val_data, "--demo-data": cfg.demo_data}, d)
     set_seed(cfg.seed)
-    init = f"{cfg.out_dir}/ckpt.pt" if cfg.resume else cfg.init  # --resume: the interrupted run's RM
+    # --resume: the interrupted run's RM
+    init = f"{cfg.out_dir}/ckpt.pt" if cfg.resume else cfg.init
     tokenizer, model, ckpt = load_model(init, "scalar", cfg.dropout, None, cfg.score_logprob)
     # --freeze-trunk (a deviation): the RM reads SFT's features and (--score-logprob) its likelihood
     if cfg.freeze_trunk:
@@ -164,12 +173,14 @@ def main():
     max_iters = cfg.max_iters or max(1, round(cfg.epochs * len(train) / cfg.batch_size))
     if d.master:
         print(f"RM: {describe_rankings(train)}, {max_iters} steps, device {d.device}")
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), d.device_type)
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2),
+                                           d.device_type)
 
-    # -- training loop; the plumbing (log, --resume, saves, Ctrl-C, non-finite steps) is lib/training.py's
+    # -- training loop; its plumbing (log, --resume, saves, Ctrl-C, bad steps): lib/training.py
     run = TrainingRun(cfg, d, model, tokenizer, optimizer, max_iters, ckpt, "reward model")
     for it in run.steps():
-        batch = [train[i] for i in shuffled_indices(len(train), it * cfg.batch_size, cfg.batch_size, cfg.seed)]
+        batch = [train[i] for i in shuffled_indices(len(train), it * cfg.batch_size, cfg.batch_size,
+                                                    cfg.seed)]
         loss, accuracy = train_step(ddp_model, optimizer, run.guard, batch, it, cfg, d)
         if run.is_log_step(it):
             run.log_step(it, loss, {"accuracy": accuracy})

@@ -8,7 +8,7 @@
 #   FORCE=1 bash train.sh      # redo stages whose checkpoints already exist (FORCE=sft: that stage, then the
 #                              # stages made from its output, as for any stage whose input files changed)
 #   RUNS=/tmp/r SEED=1 bash train.sh
-#   bash train.sh hh           # real data: GPT-2 on Anthropic's HH-RLHF, on a GPU (see "Real data" in README)
+#   bash train.sh hh           # real data: GPT-2 on Anthropic's HH-RLHF, on a GPU (see docs/gpu.md)
 #   bash train.sh seeds        # the world pipeline for seeds 0 1 2 (or SEEDS="..."), then mean and spread
 #   OFF_PROMPT=0 bash train.sh # rankings of SFT samples only, as in the paper (default 1: each ranking also
 #                              # holds one sample written for another prompt; see data/README.md)
@@ -167,13 +167,13 @@ else
   RANK_PROMPTS=()
   # The RM reads SFT: --score-logprob adds g x the response's mean log-probability under SFT's LM
   # head to the paper's last-token score, and --freeze-trunk trains the scalar head and g only, so
-  # that likelihood stays SFT's (deviations: README, "An RM that reads the answer");
+  # that likelihood stays SFT's (deviations: docs/what_was_tried.md, "An RM that reads the answer");
   # RM_ARGS="--no-score-logprob --no-freeze-trunk" gives the paper's RM
   RM=(--epochs 1.5 --batch-size 32 --micro-batch-size 16 --lr 1e-4 --eval-interval 1000
       --score-logprob --freeze-trunk)
   # RL trains the policy's LayerNorms only (--rl-params norms, about 2K parameters) at a large learning rate
   # and 4 passes over each batch: with 64 episodes per iteration, the whole-model step either learns nothing
-  # (lr 1e-5) or breaks SFT (1e-4); see "Why RL barely moves a policy" in the README.
+  # (lr 1e-5) or breaks SFT (1e-4); see "Why RL barely moves a policy" in docs/what_was_tried.md.
   RL=(--rl-params norms --lr 1e-3 --ppo-epochs 4)
   PPO=(--total-episodes 2560 --kl-coef 0.3 "${RL[@]}")  # 40 iterations; kl_coef on the RM's normalised scale
   PPO_GOLD=(--total-episodes 7680 --kl-coef 0.05 "${RL[@]}")  # 120 iterations; the gold reward: (gold score - 0.6) x 4

@@ -265,6 +265,29 @@ def plot(report, out_dir):
     return out_dir / "overoptimisation.png"
 
 
+def best_of_n_curves(sft, rms, prompts, queries, tok, cfg, seconds):
+    """{proxy name: {"best_of_n": curve}}: N = --max-n SFT samples per prompt, scored once by every
+    proxy RM and the gold judge, and for each n = 1, 2, 4, ... <= N the sample each proxy prefers
+    among groups of n. Adds the sampling and scoring times to `seconds`."""
+    t0, P, N = time.time(), len(prompts), cfg.max_n
+    repeated = [q for q in queries for _ in range(N)]  # (P * N) contexts, each prompt N times in a row
+    samples = sample_responses(sft, repeated, tok, cfg.max_new_tokens, cfg.temperature, cfg.batch_size,
+                               make_generator(cfg.device, cfg.seed), desc=f"best-of-{N} samples")
+    seconds["best_of_n_sampling"] = time.time() - t0
+    judged_samples = judged([p for p in prompts for _ in range(N)], samples, tok)
+    gold, right = (torch.tensor(v).view(P, N) for v in judged_samples)
+    curves = {}
+    for name, rm in rms.items():
+        proxy = torch.tensor(proxy_scores(rm, repeated, samples, tok, cfg)).view(P, N)  # (P, N)
+        picked = [best_of_n_groups(proxy, {"proxy": proxy, "gold": gold, "right": right}, 2 ** k)
+                  for k in range(N.bit_length())]
+        points = [point(2 ** k, best_of_n_kl(2 ** k), v["proxy"], v["gold"], v["right"])
+                  for k, v in enumerate(picked)]
+        curves[name] = {"best_of_n": curve(points, "best_of_n")}
+    seconds["best_of_n_scoring"] = time.time() - t0 - seconds["best_of_n_sampling"]
+    return curves
+
+
 def main():
     # -- config and setup
     cfg = parse_config(OveroptConfig)
@@ -285,23 +308,10 @@ def main():
         raise ValueError(f"--prompts {cfg.prompts}: {bad[:60]!r} is not a prompt of the built-in world, "
                          "the only prompts the gold judge knows")
     queries = encode_queries(tok, prompts, sft.config.block_size - cfg.max_new_tokens, source=cfg.prompts)
-    P, N = len(prompts), cfg.max_n
+    P = len(prompts)
 
     # -- best-of-n: N SFT samples per prompt, scored once by every proxy and the gold judge
-    t0 = time.time()
-    repeated = [q for q in queries for _ in range(N)]  # (P * N) contexts, each prompt N times in a row
-    samples = sample_responses(sft, repeated, tok, cfg.max_new_tokens, cfg.temperature, cfg.batch_size,
-                               make_generator(cfg.device, cfg.seed), desc=f"best-of-{N} samples")
-    seconds["best_of_n_sampling"] = time.time() - t0
-    gold, right = (torch.tensor(v).view(P, N) for v in judged([p for p in prompts for _ in range(N)], samples, tok))
-    curves = {}
-    for name, rm in rms.items():
-        proxy = torch.tensor(proxy_scores(rm, repeated, samples, tok, cfg)).view(P, N)  # (P, N)
-        picked = [best_of_n_groups(proxy, {"proxy": proxy, "gold": gold, "right": right}, 2 ** k)
-                  for k in range(N.bit_length())]
-        curves[name] = {"best_of_n": curve([point(2 ** k, best_of_n_kl(2 ** k), v["proxy"], v["gold"], v["right"])
-                                            for k, v in enumerate(picked)], "best_of_n")}
-    seconds["best_of_n_scoring"] = time.time() - t0 - seconds["best_of_n_sampling"]
+    curves = best_of_n_curves(sft, rms, prompts, queries, tok, cfg, seconds)
 
     # -- RL: the SFT model (shared by the proxies) and each PPO checkpoint, one sample per prompt
     t0 = time.time()
@@ -326,7 +336,7 @@ def main():
     write_text(out_dir / "overoptimisation.md", table)
     chart = plot(report, out_dir)
     print(f"wrote {out_dir / 'overoptimisation.json'}, overoptimisation.md and {chart.name} in {seconds['total']:.0f}s "
-          f"(best-of-{N} sampling {seconds['best_of_n_sampling']:.0f}s, scoring {seconds['best_of_n_scoring']:.0f}s, "
+          f"(best-of-{cfg.max_n} sampling {seconds['best_of_n_sampling']:.0f}s, scoring {seconds['best_of_n_scoring']:.0f}s, "
           f"RL {seconds['rl']:.0f}s)\n")
     print(table)
 

@@ -106,32 +106,32 @@ RANKINGS = [[2, 0, 3, 1], [1, 0], [0, 2, 1]]  # K = 4, 2, 3 in one batch; best f
 
 
 def ranked_batch():
-    """Random rewards (padding slots hold large garbage that must not count) and ranked_pairs masks, Kmax = 4."""
+    """Random RM scores (padding slots hold large garbage that must not count) and ranked_pairs masks, Kmax = 4."""
     torch.manual_seed(2)
-    rewards = torch.randn(len(RANKINGS), 4) + 10.0 * torch.tensor([[0, 0, 0, 0], [0, 0, 1, 1], [0, 0, 0, 1]])
+    scores = torch.randn(len(RANKINGS), 4) + 10.0 * torch.tensor([[0, 0, 0, 0], [0, 0, 1, 1], [0, 0, 0, 1]])
     better = torch.zeros(len(RANKINGS), 4, 4, dtype=torch.bool)
     for p, ranking in enumerate(RANKINGS):
         better[p, :len(ranking), :len(ranking)] = ranked_pairs([{"ranking": ranking}], len(ranking), "cpu")[0]
-    return rewards, better
+    return scores, better
 
 
 def test_ranking_loss_matches_brute_force_over_all_pairs():
     """Each prompt's loss is -1/C(K,2) * sum of log sigmoid(r_w - r_l) over its C(K,2) pairs, summed in plain Python."""
-    rewards, better = ranked_batch()
-    got = ranking_loss(rewards, better)
+    scores, better = ranked_batch()
+    got = ranking_loss(scores, better)
     assert got.shape == (len(RANKINGS),)
     for p, ranking in enumerate(RANKINGS):
         pairs = list(itertools.combinations(ranking, 2))  # (w, l): w comes earlier in the ranking
         assert len(pairs) == math.comb(len(ranking), 2)
-        r = rewards[p].tolist()
+        r = scores[p].tolist()
         ref = -sum(math.log(1 / (1 + math.exp(-(r[w] - r[l])))) for w, l in pairs) / len(pairs)
         assert got[p].item() == pytest.approx(ref, rel=1e-5)
 
 
 def test_ranking_loss_gradient_matches_a_pair_by_pair_sum():
-    """The gradient with respect to the rewards equals that of a pair-by-pair torch sum: the loss is differentiable."""
-    rewards, better = ranked_batch()
-    r1, r2 = rewards.clone().requires_grad_(), rewards.clone().requires_grad_()
+    """The gradient with respect to the scores equals that of a pair-by-pair torch sum: the loss is differentiable."""
+    scores, better = ranked_batch()
+    r1, r2 = scores.clone().requires_grad_(), scores.clone().requires_grad_()
     ranking_loss(r1, better).sum().backward()
     ref = sum(-F.logsigmoid(r2[p, w] - r2[p, l]) / math.comb(len(ranking), 2)
               for p, ranking in enumerate(RANKINGS) for w, l in itertools.combinations(ranking, 2))
@@ -185,16 +185,16 @@ def gae_batch(seed):
     return torch.randn(len(GAE_LENGTHS), GAE_R) * mask, torch.randn(len(GAE_LENGTHS), GAE_R) * 3.0, mask
 
 
-@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.8)])
-def test_compute_gae_matches_the_textbook_reverse_loop(gamma, lam):
+@pytest.mark.parametrize("discount,lam", [(1.0, 0.95), (0.9, 0.8)])
+def test_compute_gae_matches_the_textbook_reverse_loop(discount, lam):
     """Advantages and returns equal the textbook reverse loop over each response alone in plain Python; 0 after it."""
     rewards, values, mask = gae_batch(seed=5)
-    advantages, returns = compute_gae(rewards, values, mask, gamma, lam)
+    advantages, returns = compute_gae(rewards, values, mask, discount, lam)
     for b, n in enumerate(GAE_LENGTHS):
         r, v = rewards[b, :n].tolist(), values[b, :n].tolist() + [0.0]  # V after the last token is 0
         ref, last = [0.0] * n, 0.0
         for t in reversed(range(n)):
-            last = r[t] + gamma * v[t + 1] - v[t] + gamma * lam * last
+            last = r[t] + discount * v[t + 1] - v[t] + discount * lam * last
             ref[t] = last
         assert advantages[b, :n].tolist() == pytest.approx(ref, abs=1e-5)
         assert returns[b, :n].tolist() == pytest.approx([a + v[t] for t, a in enumerate(ref)], abs=1e-5)
@@ -202,14 +202,14 @@ def test_compute_gae_matches_the_textbook_reverse_loop(gamma, lam):
 
 
 def test_compute_gae_matches_the_closed_form():
-    """A_t = sum over k >= t of (gamma * lam)^(k - t) * delta_k, with delta_k = r_k + gamma * V_{k+1} - V_k."""
-    gamma, lam = 0.95, 0.7
+    """A_t = sum over k >= t of (discount * lam)^(k - t) * delta_k, with delta_k = r_k + discount * V_{k+1} - V_k."""
+    discount, lam = 0.95, 0.7
     rewards, values, mask = gae_batch(seed=6)
-    advantages, _ = compute_gae(rewards, values, mask, gamma, lam)
+    advantages, _ = compute_gae(rewards, values, mask, discount, lam)
     for b, n in enumerate(GAE_LENGTHS):
         v = values[b, :n].tolist() + [0.0]
-        delta = [rewards[b, k].item() + gamma * v[k + 1] - v[k] for k in range(n)]
-        ref = [sum((gamma * lam) ** (k - t) * delta[k] for k in range(t, n)) for t in range(n)]
+        delta = [rewards[b, k].item() + discount * v[k + 1] - v[k] for k in range(n)]
+        ref = [sum((discount * lam) ** (k - t) * delta[k] for k in range(t, n)) for t in range(n)]
         assert advantages[b, :n].tolist() == pytest.approx(ref, abs=1e-5)
 
 
@@ -314,14 +314,14 @@ def test_adaptive_kl_coef_clips_the_error_at_0_2():
 @pytest.mark.parametrize("estimator", ["grpo", "rloo"])
 def test_group_advantages_match_a_loop_per_group(estimator):
     """Each response against the others of its group of G: centred and scaled (grpo), or minus the mean of the
-    other G - 1 (rloo); a group whose rewards are all equal gets advantages 0."""
+    other G - 1 (rloo); a group whose total_rewards are all equal gets advantages 0."""
     torch.manual_seed(0)
     G = 4
-    rewards = torch.randn(3 * G)
-    rewards[G:2 * G] = 0.5  # a group whose responses all scored alike: no signal, advantages 0
-    got = group_advantages(rewards, G, estimator)
+    total_rewards = torch.randn(3 * G)
+    total_rewards[G:2 * G] = 0.5  # a group whose responses all scored alike: no signal, advantages 0
+    got = group_advantages(total_rewards, G, estimator)
     for g in range(3):
-        group = rewards[g * G:(g + 1) * G].tolist()
+        group = total_rewards[g * G:(g + 1) * G].tolist()
         for i, r in enumerate(group):
             if estimator == "grpo":
                 want = (r - statistics.mean(group)) / (statistics.stdev(group) + 1e-8)

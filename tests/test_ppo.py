@@ -13,34 +13,35 @@ import torch
 
 from data.batches import pad_left
 from lib.common import load_checkpoint
+from lib.rl import mask_through_eos
 from model import GPT, GPTConfig, forward_response, value_of_response
-from ppo import compute_gae, compute_rewards, mask_through_eos, ppo_losses
+from ppo import compute_gae, compute_rewards, ppo_losses
 
 EOS = 1
 
 
-def gae_loop(rewards, values, length, gamma, lam):
+def gae_loop(rewards, values, length, discount, lam):
     """The textbook reverse loop over one response of `length` tokens."""
     adv, last = [0.0] * length, 0.0
     for t in reversed(range(length)):
         next_value = values[t + 1] if t + 1 < length else 0.0
-        delta = rewards[t] + gamma * next_value - values[t]
-        last = delta + gamma * lam * last
+        delta = rewards[t] + discount * next_value - values[t]
+        last = delta + discount * lam * last
         adv[t] = last
     return adv, [a + v for a, v in zip(adv, values[:length])]
 
 
-@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.8), (1.0, 1.0)])
-def test_gae_of_the_batch_equals_a_loop_per_response(gamma, lam):
+@pytest.mark.parametrize("discount,lam", [(1.0, 0.95), (0.9, 0.8), (1.0, 1.0)])
+def test_gae_of_the_batch_equals_a_loop_per_response(discount, lam):
     torch.manual_seed(0)
     B, R = 4, 9
     lengths = [9, 1, 5, 7]
     mask = torch.tensor([[1.0] * n + [0.0] * (R - n) for n in lengths])
     rewards = torch.randn(B, R) * mask
     values = torch.randn(B, R)  # garbage past the end must not matter
-    adv, ret = compute_gae(rewards, values, mask, gamma, lam)
+    adv, ret = compute_gae(rewards, values, mask, discount, lam)
     for b, n in enumerate(lengths):
-        ref_adv, ref_ret = gae_loop(rewards[b].tolist(), values[b].tolist(), n, gamma, lam)
+        ref_adv, ref_ret = gae_loop(rewards[b].tolist(), values[b].tolist(), n, discount, lam)
         assert adv[b, :n].tolist() == pytest.approx(ref_adv, abs=1e-5)
         assert ret[b, :n].tolist() == pytest.approx(ref_ret, abs=1e-5)
         assert (adv[b, n:] == 0).all() and (ret[b, n:] == 0).all()
@@ -162,9 +163,9 @@ def test_rl_params_norms_trains_the_layernorms_only(tmp_path):
     assert any(not torch.equal(sft[k], rl[k]) for k in norms)
 
 
-def test_ptx_term_adds_gamma_times_the_pretraining_gradient(monkeypatch):
-    """PPO-ptx (equation 2): one ppo_update step with gamma_ptx moves the policy by the step without the ptx
-    term plus gamma_ptx times the (negative) gradient of the pretraining loss on the same windows. With plain
+def test_ptx_term_adds_ptx_coef_times_the_pretraining_gradient(monkeypatch):
+    """PPO-ptx (equation 2): one ppo_update step with ptx_coef moves the policy by the step without the ptx
+    term plus ptx_coef times the (negative) gradient of the pretraining loss on the same windows. With plain
     SGD at learning rate 1 a step is minus the gradient, so this is exact; a dropped, mis-scaled or
     sign-flipped ptx term fails it."""
     import ppo
@@ -179,7 +180,7 @@ def test_ptx_term_adds_gamma_times_the_pretraining_gradient(monkeypatch):
     ro = ppo.Rollouts(torch.cat([query, response], 1), query.size(1), query_mask, mask_through_eos(response, EOS),
                       (response == EOS).any(1))
     with torch.no_grad():
-        logprobs, _ = forward_response(policy, ro.seq, ro.attention_mask, ro.n_query, 1.0)
+        logprobs, _ = forward_response(policy, ro.seq, ro.attention_mask, ro.response_start, 1.0)
     old = {"logprobs": logprobs, "values": torch.randn(4, 4), "advantages": torch.randn(4, 4),
            "returns": torch.randn(4, 4)}
     windows = [(torch.randint(V, (9,)).tolist(), 0) for _ in range(2)]
@@ -203,10 +204,10 @@ def test_ptx_term_adds_gamma_times_the_pretraining_gradient(monkeypatch):
     logits, _ = policy(x)
     torch.nn.functional.cross_entropy(logits.reshape(-1, V), y.reshape(-1)).backward()
     lm_grad = {k: p.grad for k, p in policy.named_parameters()}
-    for gamma in (0.5, 2.0):
-        with_ptx = step(gamma, torch.arange(100))
+    for ptx_coef in (0.5, 2.0):
+        with_ptx = step(ptx_coef, torch.arange(100))
         for k, g in lm_grad.items():
-            torch.testing.assert_close(with_ptx[k], without[k] - gamma * g, atol=1e-5, rtol=1e-4, msg=k)
+            torch.testing.assert_close(with_ptx[k], without[k] - ptx_coef * g, atol=1e-5, rtol=1e-4, msg=k)
 
 
 def byte_rollouts(prompts, responses, ended):
@@ -257,8 +258,8 @@ def test_rm_scores_of_rollouts_equal_scores_of_the_unpadded_pairs():
     rm = GPT(config).eval()
     d = SimpleNamespace(autocast=lambda: torch.autocast("cpu", enabled=False))
     scores = ppo.score(rm, ro, prompts, tok, SimpleNamespace(unended_score=-3.0), d)
-    queries = [ro.seq[b, :ro.n_query][ro.query_mask[b].bool()].tolist() for b in range(3)]
-    answers = [ro.seq[b, ro.n_query:][ro.response_mask[b].bool()].tolist() for b in range(3)]
+    queries = [ro.seq[b, :ro.response_start][ro.query_mask[b].bool()].tolist() for b in range(3)]
+    answers = [ro.seq[b, ro.response_start:][ro.response_mask[b].bool()].tolist() for b in range(3)]
     with torch.no_grad():
         expected = score_responses(rm, queries, answers, 8)
     assert scores.tolist() == pytest.approx(expected, abs=1e-5)
@@ -267,7 +268,7 @@ def test_rm_scores_of_rollouts_equal_scores_of_the_unpadded_pairs():
 def test_logprob_change_equals_a_loop_over_unpadded_responses():
     """The diagnostic: after a change of the weights, the mean change of sum_t log pi(y_t) over the responses
     whose advantages sum above 0 and over those below 0, each response recomputed alone."""
-    import ppo
+    from lib import rl
     from lib.common import Dist
     torch.manual_seed(0)
     prompts = ["Add 2 and 3.", "Add 4 and 4.", "Reverse the word stone.", "Sort these numbers: 20, 13, 7."]
@@ -275,16 +276,16 @@ def test_logprob_change_equals_a_loop_over_unpadded_responses():
     policy = GPT(GPTConfig(block_size=128, vocab_size=tok.n_vocab, n_layer=1, n_head=2, n_embd=16)).eval()
     cfg = SimpleNamespace(temperature=1.0)
     with torch.no_grad():
-        old, _ = forward_response(policy, ro.seq, ro.attention_mask, ro.n_query, 1.0)
+        old, _ = forward_response(policy, ro.seq, ro.attention_mask, ro.response_start, 1.0)
         for p in policy.parameters():
             p.add_(0.05 * torch.randn_like(p))
     advantages = torch.tensor([[1.0] * 20, [-0.5] * 20, [0.3] * 20, [-2.0] * 20])[:, :ro.response_mask.size(1)]
-    stats = ppo.logprob_change(policy, ro, old, advantages, cfg, Dist("cpu", "fp32"))
+    stats = rl.logprob_change(policy, ro, old, advantages, cfg, Dist("cpu", "fp32"))
     change = []
     for b in range(4):
-        q = ro.seq[b, :ro.n_query][ro.query_mask[b].bool()].tolist()
+        q = ro.seq[b, :ro.response_start][ro.query_mask[b].bool()].tolist()
         n = int(ro.response_mask[b].sum())
-        alone = torch.tensor([q + ro.seq[b, ro.n_query:ro.n_query + n].tolist()])
+        alone = torch.tensor([q + ro.seq[b, ro.response_start:ro.response_start + n].tolist()])
         with torch.no_grad():
             new_lp = policy.token_logprobs(alone)[0, len(q) - 1:]
         change.append((new_lp - old[b, :n]).sum().item())
@@ -296,7 +297,7 @@ def test_probe_scores_and_judges_the_sampled_and_greedy_responses(monkeypatch):
     """The held-out probe: probe_score is the mean reward by the unended rule (here the gold reward) of the
     responses sampled at the training temperature, probe_accuracy their gold accuracy, and
     probe_greedy_accuracy that of the responses decoded at temperature 0."""
-    import ppo
+    from lib import rl
     from lib.common import Dist
     from data.formats import encode_chat
     from data.tokenizer import get_tokenizer
@@ -308,10 +309,10 @@ def test_probe_scores_and_judges_the_sampled_and_greedy_responses(monkeypatch):
 
     def fake_sample(policy, queries, tok_, max_new_tokens, temperature, batch_size, generator, desc=None):
         return [tok.encode(t) + [tok.eot_token] * e for t, e in zip(outputs[temperature], ended[temperature])]
-    monkeypatch.setattr(ppo, "sample_responses", fake_sample)
+    monkeypatch.setattr(rl, "sample_responses", fake_sample)
     cfg = SimpleNamespace(temperature=1.0, max_new_tokens=16, batch_size=4, seed=0, unended_score=-3.0)
     queries = [encode_chat(tok, p)[0] for p in prompts]
-    out = ppo.probe(torch.nn.Linear(1, 1), None, prompts, queries, tok, cfg, Dist("cpu", "fp32"))
+    out = rl.probe(torch.nn.Linear(1, 1), None, prompts, queries, tok, cfg, Dist("cpu", "fp32"))
     from data.judge import gold_score
     rewards = [(gold_score(prompts[0], "2 plus 3 is 5.") - 0.6) * 4, (gold_score(prompts[1], "4 plus 4 is 9.") - 0.6) * 4,
                -3.0]

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import time
 import zipfile
-import zlib
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 from pathlib import Path
 from types import SimpleNamespace

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from data.formats import encode_chat
 from data.tokenizer import get_tokenizer
@@ -29,15 +28,15 @@ def test_ranking_loss_equals_brute_force_over_all_pairs():
     torch.manual_seed(0)
     rankings = [[2, 0, 3, 1], [1, 0], [4, 2, 0, 1, 3, 5, 6, 8, 7]]  # K = 4, 2, 9 in one batch
     Kmax = 9
-    rewards = torch.randn(3, Kmax)
+    scores = torch.randn(3, Kmax)
     better = torch.zeros(3, Kmax, Kmax, dtype=torch.bool)
     for p, rk in enumerate(rankings):
         better[p, :len(rk), :len(rk)] = ranked_pairs([{"ranking": rk}], len(rk), "cpu")[0]
-    got = ranking_loss(rewards, better)
+    got = ranking_loss(scores, better)
     for p, rk in enumerate(rankings):
         pairs = list(itertools.combinations(rk, 2))  # (w, l): w appears earlier in the ranking = better
         assert len(pairs) == math.comb(len(rk), 2)
-        ref = -sum(math.log(1 / (1 + math.exp(-(rewards[p, w] - rewards[p, l]).item()))) for w, l in pairs)
+        ref = -sum(math.log(1 / (1 + math.exp(-(scores[p, w] - scores[p, l]).item()))) for w, l in pairs)
         assert got[p].item() == pytest.approx(ref / len(pairs), rel=1e-5)
 
 
@@ -62,13 +61,13 @@ def test_each_response_is_forwarded_once():
     rm.register_forward_hook(lambda mod, args, out: rows_seen.append(args[0].size(0)))
     prompts = [{"seqs": [([1, 2, 3 + k] + [7] * (5 * k % 4), 2) for k in range(K)], "ranking": list(range(K))}
                for K in (4, 9, 2)]
-    rewards, better = ranked_scores(rm, prompts, "cpu")
+    scores, better = ranked_scores(rm, prompts, "cpu")
     assert rows_seen == [4 + 9 + 2]  # K rows per prompt, once each: not 2 * C(K, 2)
     rows_seen.clear()
     chunked, _ = ranked_scores(rm, prompts, "cpu", rows_per_pass=4)  # length-sorted passes of <= 4 rows
     assert rows_seen == [4, 4, 4, 3]
-    torch.testing.assert_close(chunked, rewards)  # the same score for each response, in its place
-    assert rewards.shape == (3, 9) and better[0].sum() == 6 and better[1].sum() == 36 and better[2].sum() == 1
+    torch.testing.assert_close(chunked, scores)  # the same score for each response, in its place
+    assert scores.shape == (3, 9) and better[0].sum() == 6 and better[1].sum() == 36 and better[2].sum() == 1
 
 
 def test_sft_loss_mask_counts_response_tokens_only():

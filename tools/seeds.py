@@ -1,6 +1,7 @@
 """Mean and spread of several runs' evaluation reports: the table of `bash train.sh seeds`.
 
-    python -m tools.seeds runs/seed0/eval/report.json runs/seed1/eval/report.json runs/seed2/eval/report.json
+    python -m tools.seeds runs/seed0/eval/report.json runs/seed1/eval/report.json \\
+        runs/seed2/eval/report.json
 """
 import json
 import math
@@ -20,9 +21,10 @@ def summarise_seeds(paths):
     """Mean and spread over runs with different seeds: the table of `bash train.sh seeds`."""
     reports = [json.loads(Path(p).read_text()) for p in paths]
     keys = ("win_rate_vs_sft", "gold_score", "accuracy", "kl_vs_sft")
-    lines = [f"Over {len(reports)} seeds ({', '.join(str(r['config']['seed']) for r in reports)}): mean +- standard "
-             "deviation [min, max]", "", "| model | " + " | ".join(k.replace("_", " ") for k in keys) + " |",
-             "|---|" + "---|" * len(keys)]
+    seeds = ", ".join(str(r["config"]["seed"]) for r in reports)
+    header = "| model | " + " | ".join(k.replace("_", " ") for k in keys) + " |"
+    title = f"Over {len(reports)} seeds ({seeds}): mean +- standard deviation [min, max]"
+    lines = [title, "", header, "|---|" + "---|" * len(keys)]
     for name in MODELS:
         runs = [r["models"][name] for r in reports if name in r["models"]]
         if len(runs) < len(reports):
@@ -43,7 +45,8 @@ def summarise_seeds(paths):
 def main():
     reports = parse_config(SeedsConfig).report
     if len(reports) < 2:
-        raise ValueError("tools/seeds.py needs two or more report.json files (runs/seed0/eval/report.json ...)")
+        raise ValueError("tools/seeds.py needs two or more report.json files "
+                         "(runs/seed0/eval/report.json ...)")
     print(summarise_seeds(reports), end="")
 
 
