@@ -47,8 +47,8 @@ def attention(q, k, v, mask_bias, dropout):
     """Scaled dot-product attention of every head at once (Vaswani et al. 2017):
         y = dropout(softmax(q k^T / sqrt(hs) + mask_bias)) v
     q (B, nh, T, hs), k and v (B, nh, Tk, hs); mask_bias (B, 1, T, Tk) is 0 where a query may see a
-    key and -inf where it may not (a future or padded key), broadcast over the heads. Returns (B,
-    nh, T, hs)."""
+    key and -inf where it may not (a future or padded key), broadcast over the heads.
+    Returns (B, nh, T, hs)."""
     att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1))) + mask_bias  # (B, nh, T, Tk)
     att = F.softmax(att, dim=-1)
     return dropout(att) @ v

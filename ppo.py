@@ -172,12 +172,12 @@ def compute_rewards(scores, logprobs, ref_logprobs, mask, kl_coef):
 
 # exercise: compute_gae
 def compute_gae(rewards, values, mask, discount, lam):
-    """Step 4: generalised advantage estimation over the response tokens (Schulman et al. 2016),
-    from the last token back to the first:
+    """Step 4: generalised advantage estimation (Schulman et al. 2016), last token to first:
         delta_t   = r_t + discount * V_{t+1} - V_t          (V after the last token = 0)
         A_t       = delta_t + discount * lam * A_{t+1}      (A after the last token = 0)
         returns_t = A_t + V_t                               (the value model's targets)
-    rewards, values, mask: (B, R). Tokens after the end (mask 0) carry no reward and no value."""
+    rewards, values, mask: (B, R); tokens after the end (mask 0) carry no reward and no value.
+    Returns (advantages, returns), each (B, R) and 0 after the end."""
     values = values * mask
     advantages = torch.zeros_like(rewards)
     next_value = torch.zeros_like(rewards[:, 0])  # (B,) V_{t+1}

@@ -75,7 +75,9 @@ stage() {  # stage NAME OUTPUT COMMAND...: run COMMAND unless OUTPUT exists, is 
   local name=$1 out=$2; shift 2
   local now; now=$(inputs "$out" "$@")
   if [[ -e $out && $FORCE != 1 && " $FORCE " != *" $name "* ]] && finished "$out"; then
-    if [[ ! -e $out.inputs || $(cat "$out.inputs") == "$now" ]]; then echo "== $name: $out exists, skipped"; return; fi
+    if [[ ! -e $out.inputs || $(cat "$out.inputs") == "$now" ]]; then
+      echo "== $name: $out exists, skipped"; STAGE_RAN=0; return
+    fi
     local changed; changed=$({ diff "$out.inputs" <(echo "$now") || true; } | sed -n 's/^> [0-9]* [0-9]* //p' | xargs)
     echo "== $name: rerun: ${changed:-its inputs} changed since $out was made"
   fi
@@ -87,6 +89,7 @@ stage() {  # stage NAME OUTPUT COMMAND...: run COMMAND unless OUTPUT exists, is 
   "$@"
   echo "$now" > "$out.inputs"
   echo "== $name done in $(( $(date +%s) - t0 ))s"
+  STAGE_RAN=1  # of the last stage: a skipped evaluation's report is printed at the end
 }
 
 if [[ $MODE == hh ]]; then
@@ -129,11 +132,13 @@ if [[ $MODE == hh ]]; then
   stage evaluate "$H/eval/report.json" $PY evaluate.py --judge rm --prompts "$H/data/test_prompts.jsonl" \
     --base "$MODEL" --sft "$H/sft/ckpt.pt" --rm "$H/rm/ckpt.pt" --ppo-ptx "$H/ppo_ptx/ckpt.pt" \
     --pretrain-val "$H/text/pretrain_val.txt" --out-dir "$H/eval" --seed "$SEED" "${EVAL[@]}"
+  EVAL_RAN=$STAGE_RAN
   # a few held-out prompts, SFT's and PPO-ptx's responses side by side
   $PY -m tools.sample --ckpt "$H/sft/ckpt.pt" --ckpt "$H/ppo_ptx/ckpt.pt" --prompts "$H/data/test_prompts.jsonl" \
     --seed "$SEED" "${SIDE[@]}" > "$H/eval/side_by_side.txt"
   $PY -m tools.plot "$H" > /dev/null  # training curves next to each stage's metrics.jsonl
-  cat "$H/eval/side_by_side.txt" "$H/eval/report.md"
+  cat "$H/eval/side_by_side.txt"
+  [[ $EVAL_RAN == 1 ]] || cat "$H/eval/report.md"  # evaluate.py printed its table when it ran
   echo "== HH pipeline done in $(( $(date +%s) - start ))s: $H/eval/report.json, report.md, side_by_side.txt"
   exit 0
 fi
@@ -284,8 +289,10 @@ stage evaluate "$RUNS/eval/report.json" $PY evaluate.py --prompts "$W/test_promp
   --ppo "$RUNS/ppo/ckpt.pt" --ppo-ptx "$RUNS/ppo_ptx/ckpt.pt" --ppo-gold "$RUNS/ppo_gold/ckpt.pt" "${algo_ckpts[@]}" \
   --pretrain-val "$W/pretrain_val.txt" \
   --out-dir "$RUNS/eval" --seed "$SEED" "${EVAL[@]}"
+EVAL_RAN=$STAGE_RAN
 
 # Training curves: curves.txt (and curves.png, with matplotlib) next to each stage's metrics.jsonl
 $PY -m tools.plot "$RUNS" > /dev/null
-[[ -f $RUNS/eval/report.md ]] && cat "$RUNS/eval/report.md"
+# evaluate.py printed its table when it ran; a skipped evaluation's report is printed here
+if [[ $EVAL_RAN == 0 ]]; then cat "$RUNS/eval/report.md"; fi
 echo "== pipeline done in $(( $(date +%s) - start ))s: $RUNS/eval/report.json, $RUNS/eval/report.md and the plot in $RUNS/eval/; training curves in $RUNS/*/curves.txt (.png)"

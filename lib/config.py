@@ -59,7 +59,7 @@ def parse_config(cls, argv=None, prog=None, epilog=None):
         kind = hints[f.name]
         if typing.get_origin(kind) in (typing.Union, types.UnionType) and type(None) in typing.get_args(kind):
             kind = next(a for a in typing.get_args(kind) if a is not type(None))  # `str | None` -> str
-        name = "--" + f.name.replace("_", "-")
+        name = "--" + f.name.rstrip("_").replace("_", "-")  # except_ (a Python keyword): --except
         help_text = comments.get(f.name, " ").replace("%", "%%")  # argparse formats help with %
         required = f.default is dataclasses.MISSING
         if typing.get_origin(kind) is list:  # `paths: list[str]  # ...`: one or more positional arguments

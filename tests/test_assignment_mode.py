@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
@@ -79,3 +80,45 @@ def test_student_copy_fails_every_exercise_test_and_the_reference_passes_them(tm
         assert (student / rel).read_bytes() == (ROOT / rel).read_bytes(), rel
     res = run(exercise_tests, student)
     assert res.returncode == 0 and pytest_counts(res) == {"passed": counts["failed"]}, res.stdout[-3000:]
+
+
+def test_partial_keys_and_the_grader(tmp_path):
+    """--only puts in exactly the keys named, --except all others; `grade` scores each student's
+    marked bodies against this repository's tests, whatever else the student changed, and writes
+    JUnit XML."""
+    one, three = tmp_path / "one", tmp_path / "three"
+    for student in (one, three):
+        assert run(["-m", "tools.assignment", "--out", str(student)], ROOT).returncode == 0
+    key = ["-m", "tools.assignment", "--reference-into"]
+    res = run([*key, str(one), "--only", "ranking_loss"], ROOT)
+    assert res.returncode == 0 and "of 1 exercises" in res.stdout, res.stdout + res.stderr
+    solved = ["attention", "ranking_loss", "compute_gae"]
+    others = ",".join(n for n in EXERCISES if n not in solved)
+    res = run([*key, str(three), "--except", others], ROOT)
+    assert res.returncode == 0 and "of 3 exercises" in res.stdout, res.stdout + res.stderr
+    # only the marked bodies count: a student who empties the tests gains nothing
+    (three / "tests" / "test_assignments.py").write_text("def test_nothing():\n    pass\n")
+    junit = tmp_path / "grades.xml"
+    res = run(["-m", "tools.assignment", "grade", str(one), str(three), "--junit", str(junit)],
+              ROOT)
+    assert res.returncode == 0, res.stderr[-2000:]
+    reports = res.stdout.split("\n\n")
+    assert "1 of 10 exercises solved, 10 of 100 points" in reports[0], res.stdout
+    assert "3 of 10 exercises solved, 35 of 100 points" in reports[1], res.stdout
+    passed = {}
+    for suite in ET.parse(junit).getroot().iter("testsuite"):
+        passed[suite.get("name")] = [c.get("name") for c in suite.iter("testcase")
+                                     if c.find("failure") is None]
+    assert passed == {str(one): ["ranking_loss"], str(three): solved}
+
+
+def test_solutions_file_holds_every_reference_function(tmp_path):
+    """The key, apart from any student copy: each exercise's marker, signature, docstring, body."""
+    out = tmp_path / "solutions.md"
+    res = run(["-m", "tools.assignment", "--solutions", str(out)], ROOT)
+    assert res.returncode == 0, res.stderr
+    text = out.read_text()
+    for name, body in assignment.reference_bodies(ROOT).items():
+        assert f"## {name} (" in text and f"# exercise: {name}\n" in text and "".join(body) in text
+    bad = run(["-m", "tools.assignment", "--reference-into", str(tmp_path), "--only", "nope"], ROOT)
+    assert bad.returncode == 2 and "unknown exercise nope" in bad.stderr

@@ -125,7 +125,9 @@ def test_ranking_loss_matches_brute_force_over_all_pairs():
         assert len(pairs) == math.comb(len(ranking), 2)
         r = scores[p].tolist()
         ref = -sum(math.log(1 / (1 + math.exp(-(r[w] - r[l])))) for w, l in pairs) / len(pairs)
-        assert got[p].item() == pytest.approx(ref, rel=1e-5)
+        where = f"prompt {p} (K = {len(ranking)}, ranking {ranking})"
+        assert got[p].item() == pytest.approx(ref, rel=1e-5), \
+            f"{where}: loss {got[p].item():.6f}, expected {ref:.6f}"
 
 
 def test_ranking_loss_gradient_matches_a_pair_by_pair_sum():
@@ -138,6 +140,17 @@ def test_ranking_loss_gradient_matches_a_pair_by_pair_sum():
     ref.backward()
     assert_close(r1.grad, r2.grad, atol=1e-6)
     assert (r1.grad[1, 2:] == 0).all() and r1.grad[2, 3] == 0  # padding gets no gradient
+
+
+def test_ranking_loss_of_a_prompt_without_comparisons_is_zero():
+    """A prompt with one response has no pair: its loss is 0 (not 0 / 0 = NaN), and it does not
+    change the loss of the other prompts in the batch."""
+    scores = torch.tensor([[0.7, -0.2, 1.5], [2.0, 0.0, 0.0]])
+    better = ranked_pairs([{"ranking": [2, 0, 1]}, {"ranking": [0]}], 3, "cpu")
+    got = ranking_loss(scores, better)
+    assert got[1].item() == 0.0, f"a prompt without pairs: loss {got[1].item()}, expected 0"
+    alone = ranking_loss(scores[:1], better[:1])
+    assert got[0].item() == pytest.approx(alone[0].item()), "the first prompt's loss changed"
 
 
 # --- compute_rewards (ppo.py) ----------------------------------------------------------------------
@@ -196,9 +209,14 @@ def test_compute_gae_matches_the_textbook_reverse_loop(discount, lam):
         for t in reversed(range(n)):
             last = r[t] + discount * v[t + 1] - v[t] + discount * lam * last
             ref[t] = last
-        assert advantages[b, :n].tolist() == pytest.approx(ref, abs=1e-5)
-        assert returns[b, :n].tolist() == pytest.approx([a + v[t] for t, a in enumerate(ref)], abs=1e-5)
-        assert (advantages[b, n:] == 0).all() and (returns[b, n:] == 0).all()
+        assert advantages[b, :n].tolist() == pytest.approx(ref, abs=1e-5), f"advantages of {b}"
+        want = [a + v[t] for t, a in enumerate(ref)]
+        assert returns[b, :n].tolist() == pytest.approx(want, abs=1e-5), f"returns of response {b}"
+        past_end = f"response {b} ends after {n} tokens: advantages and returns after it must be 0"
+        assert advantages[b, n:].tolist() == [0.0] * (GAE_R - n), f"{past_end}: advantages " \
+            f"{advantages[b, n:].tolist()}"
+        assert returns[b, n:].tolist() == [0.0] * (GAE_R - n), \
+            f"{past_end}: returns {returns[b, n:].tolist()}"
 
 
 def test_compute_gae_matches_the_closed_form():
@@ -253,7 +271,11 @@ def test_ppo_losses_gradient_is_zero_where_the_clip_binds():
     new, vpred = new.clone().requires_grad_(), vpred.clone().requires_grad_()
     n_tokens = 10.0  # the global token count under DDP: the means divide by it, not by this row's 6 tokens
     pg_loss, vf_loss, _ = ppo_losses(new, old, adv, vpred, old_v, returns, mask, CLIP, n_tokens)
+    assert pg_loss.requires_grad, "pg_loss has no gradient: is the ratio of detached log-probs?"
+    assert vf_loss.requires_grad, "vf_loss has no gradient: is vpred detached?"
     (pg_loss + vf_loss).backward()
+    assert new.grad is not None, "no gradient reaches new_logprobs: is the ratio detached?"
+    assert vpred.grad is not None, "no gradient reaches vpred: is it detached?"
     ratio = (new - old).exp().detach()
     binds = torch.tensor([[True, False, False, True, False, False, True]])  # A>0 above 1+eps, A<0 below 1-eps; masked
     assert_close(new.grad, torch.where(binds, 0.0, -adv * ratio / n_tokens))
