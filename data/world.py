@@ -591,6 +591,21 @@ def labeler_agreement(records: list[dict], rng: random.Random, noise: float = LA
     return agree / max(total, 1)
 
 
+def gold_agreement(records: list[dict]) -> float:
+    """Fraction of ranked pairs the gold judge orders as each record's ranking does (a tie in gold score counts
+    1/2): the held-out accuracy of an RM that knew the gold score, the ceiling of a learnt one on these rankings."""
+    from data.judge import gold_score
+    agree = total = 0.0
+    for r in records:
+        position = {i: p for p, i in enumerate(r["ranking"])}
+        score = [gold_score(r["prompt"], x) for x in r["responses"]]
+        for i in range(len(score)):
+            for j in range(i + 1, len(score)):
+                total += 1
+                agree += 0.5 if score[i] == score[j] else (score[i] > score[j]) == (position[i] < position[j])
+    return agree / max(total, 1)
+
+
 # --- prompt splits and the pretraining corpus -----------------------------------------------------------
 def sample_tasks(rng: random.Random, families, split: str, n: int, distinct: bool = False) -> list[Task]:
     """n tasks whose prompts belong to `split`, distinct prompts while the family has new ones. With
@@ -778,7 +793,7 @@ def rank_main(argv) -> None:
     write_jsonl(cfg.out, records)
     agreement = labeler_agreement(records, random.Random(f"{cfg.seed}/agreement"), cfg.noise)
     print(f"ranked {len(records)} prompts ({skipped} skipped: fewer than 2 distinct non-empty responses), "
-          f"labeler agreement {agreement:.3f} -> {cfg.out}")
+          f"labeler agreement {agreement:.3f}, gold judge agreement {gold_agreement(records):.3f} -> {cfg.out}")
 
 
 def main(argv=None) -> None:

@@ -11,7 +11,7 @@ import pytest
 from data.formats import load_prompts, load_rankings, load_sft, load_text, split_of, write_jsonl
 from data.judge import gold_score
 from data.world import (FAMILIES, KINDS, LABELER_NOISE, TEMPLATES, WorldConfig, candidates,
-                        demonstrate, generate, gold_answer, labeler_agreement, main, pair_agreement,
+                        demonstrate, generate, gold_agreement, gold_answer, labeler_agreement, main, pair_agreement,
                         parse_prompt, sample_task, sample_tasks, simulated_ranking)
 
 SMALL = dict(pretrain_bytes=20_000, pretrain_val_bytes=2_000, sft_train=200, sft_val=50, rankings_train=100,
@@ -134,6 +134,26 @@ def test_labeler_model():
         rs = candidates(t, 6, rng)
         records.append({"prompt": t.prompt, "responses": rs, "ranking": simulated_ranking(t.prompt, rs, rng)})
     assert labeler_agreement(records, rng, 0.5) < labeler_agreement(records, rng, LABELER_NOISE) < 0.8
+
+
+def test_gold_agreement_is_the_gold_judge_s_pairwise_accuracy_on_rankings():
+    """gold_agreement: 1 on a ranking sorted by the gold score (a tie counts 1/2), 0 on its reverse, and
+    lower with noisier labelers."""
+    rng = random.Random(1)
+    t = sample_task(rng, FAMILIES)
+    rs = candidates(t, 6, rng)
+    scores = [gold_score(t.prompt, r) for r in rs]
+    best_first = sorted(range(len(rs)), key=lambda i: -scores[i])
+    ties = sum(scores[i] == scores[j] for i in range(len(rs)) for j in range(i + 1, len(rs)))
+    pairs = len(rs) * (len(rs) - 1) / 2
+    sorted_by_gold = {"prompt": t.prompt, "responses": rs, "ranking": best_first}
+    assert gold_agreement([sorted_by_gold]) == pytest.approx(1 - ties / 2 / pairs)
+    assert gold_agreement([{**sorted_by_gold, "ranking": best_first[::-1]}]) == pytest.approx(ties / 2 / pairs)
+    tasks = [sample_task(rng, FAMILIES) for _ in range(200)]
+    records = {noise: [{"prompt": t.prompt, "responses": (rs := candidates(t, 6, rng)),
+                        "ranking": simulated_ranking(t.prompt, rs, rng, noise)} for t in tasks]
+               for noise in (0.05, 0.5)}
+    assert gold_agreement(records[0.5]) < gold_agreement(records[0.05]) < 1
 
 
 def test_rank_command_ranks_model_samples(tmp_path, capsys):
