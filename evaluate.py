@@ -147,6 +147,15 @@ def response_logprobs(model, contexts, responses, temperature, batch_size):
     return out
 
 
+def pretrain_windows(tok, path, block_size, n):
+    """Up to n windows of block_size + 1 consecutive tokens of the text file at path, side by side
+    from its start: pretrain_loss's input."""
+    text = torch.tensor(tok.encode(load_text(path)))
+    L = min(block_size, len(text) - 1)
+    starts = range(0, len(text) - L, L)
+    return torch.stack([text[i:i + L + 1] for i in starts][:n])
+
+
 @torch.no_grad()
 def pretrain_loss(model, windows, batch_size):
     """Mean next-token cross-entropy over the held-out windows (every token counts); None without
@@ -366,10 +375,8 @@ def load_inputs(cfg, device):
                          "world; the gold judge knows only those (use --judge rm)")
     windows = None
     if cfg.pretrain_val:
-        text = torch.tensor(tok.encode(load_text(cfg.pretrain_val)))
-        L = min(sft.config.block_size, len(text) - 1)
-        starts = range(0, len(text) - L, L)
-        windows = torch.stack([text[i:i + L + 1] for i in starts][:cfg.pretrain_windows])
+        block_size = sft.config.block_size
+        windows = pretrain_windows(tok, cfg.pretrain_val, block_size, cfg.pretrain_windows)
     return sft, rm, tok, prompts, queries, windows
 
 

@@ -5,8 +5,9 @@
 #
 #   bash train.sh              # the full run (minutes on a laptop CPU)
 #   QUICK=1 bash train.sh      # everything tiny, in about a minute (what the tests run)
-#   CLASS=1 bash train.sh      # the class preset: small models, about 4 minutes, every stage's direction shows
-#                              # (losses fall, RM accuracy above 0.5, PPO's score rises; docs/assignments.md)
+#   CLASS=1 bash train.sh      # the class preset: small models, about 4 minutes, every stage's
+#                              # direction shows (losses fall, RM accuracy above 0.5, PPO's score
+#                              # rises; docs/assignments.md)
 #   FORCE=1 bash train.sh      # redo stages whose checkpoints already exist (FORCE=sft: that stage, then the
 #                              # stages made from its output, as for any stage whose input files changed)
 #   RUNS=/tmp/r SEED=1 bash train.sh
@@ -152,20 +153,26 @@ if [[ -z ${DTYPE:-} ]]; then
   grep -qw amx_bf16 /proc/cpuinfo 2>/dev/null && DTYPE=bf16
 fi
 CLASS=${CLASS:-0}
-if [[ $CLASS == 1 ]]; then  # the class preset (docs/assignments.md): every stage's direction shows in ~4 minutes
-  WORLD=(--pretrain-bytes 400000 --pretrain-val-bytes 20000 --sft-train 12000 --sft-val 100 --rankings-train 300
-         --rankings-val 100 --ppo-prompts 500 --val-prompts 50 --test-prompts 200)
+# the class preset (docs/assignments.md): every stage's direction shows in ~4 minutes
+if [[ $CLASS == 1 ]]; then
+  WORLD=(--pretrain-bytes 400000 --pretrain-val-bytes 20000 --sft-train 12000 --sft-val 100
+         --rankings-train 300 --rankings-val 100 --ppo-prompts 500 --val-prompts 50
+         --test-prompts 200)
   MODEL=(--n-layer 3 --n-head 3 --n-embd 96 --seq-len 128 --block-size 256)
-  PRETRAIN=(--epochs 1 --batch-size 32 --micro-batch-size 32 --lr 3e-3 --warmup-iters 10 --eval-interval 20)
-  SFT=(--epochs 2 --batch-size 32 --micro-batch-size 32 --lr 3e-3 --eval-interval 50 --max-response-tokens 64)
+  PRETRAIN=(--epochs 1 --batch-size 32 --micro-batch-size 32 --lr 3e-3 --warmup-iters 10
+            --eval-interval 20)
+  SFT=(--epochs 2 --batch-size 32 --micro-batch-size 32 --lr 3e-3 --eval-interval 50
+       --max-response-tokens 64)
   RANK_PROMPTS=(--max-prompts 300 --max-new-tokens 64)
-  # labelers less noisy than the world's (0.18, the paper's agreement): this small SFT model's samples differ
-  # little in quality, and at 0.18 the gold judge itself orders only ~0.56 of their ranked pairs as the
-  # labelers do (0.65 at 0.05), too little for the RM's progress to show
+  # labelers less noisy than the world's (0.18, the paper's agreement): this small SFT model's
+  # samples differ little in quality, and at 0.18 the gold judge itself orders only ~0.56 of their
+  # ranked pairs as the labelers do (0.65 at 0.05; data.world rank prints it), too little for the
+  # RM's progress to show
   RANK=(--noise 0.05)
-  RM=(--epochs 2 --batch-size 16 --micro-batch-size 16 --lr 1e-3 --eval-interval 10 --no-score-logprob)
-  PPO=(--total-episodes 640 --batch-size 32 --minibatch-size 8 --max-new-tokens 64 --kl-coef 0.2 --lr 1e-4
-       --ppo-epochs 2 --probe-interval 5)
+  RM=(--epochs 2 --batch-size 16 --micro-batch-size 16 --lr 1e-3 --eval-interval 10
+      --no-score-logprob)
+  PPO=(--total-episodes 640 --batch-size 32 --minibatch-size 8 --max-new-tokens 64 --kl-coef 0.2
+       --lr 1e-4 --ppo-epochs 2 --probe-interval 5)
   PPO_GOLD=("${PPO[@]}")
   DPO=(--max-iters 40 --batch-size 16 --micro-batch-size 16)
   OVEROPT_PPO=("${PPO[@]}" --save-interval 5)

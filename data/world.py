@@ -592,8 +592,9 @@ def labeler_agreement(records: list[dict], rng: random.Random, noise: float = LA
 
 
 def gold_agreement(records: list[dict]) -> float:
-    """Fraction of ranked pairs the gold judge orders as each record's ranking does (a tie in gold score counts
-    1/2): the held-out accuracy of an RM that knew the gold score, the ceiling of a learnt one on these rankings."""
+    """Fraction of ranked pairs the gold judge orders as each record's ranking does (a tie in
+    gold score counts 1/2): the held-out accuracy of an RM that knew the gold score, the ceiling of
+    a learnt one on these rankings."""
     from data.judge import gold_score
     agree = total = 0.0
     for r in records:
@@ -602,7 +603,9 @@ def gold_agreement(records: list[dict]) -> float:
         for i in range(len(score)):
             for j in range(i + 1, len(score)):
                 total += 1
-                agree += 0.5 if score[i] == score[j] else (score[i] > score[j]) == (position[i] < position[j])
+                gold_prefers_i = score[i] > score[j]
+                labeler_prefers_i = position[i] < position[j]
+                agree += 0.5 if score[i] == score[j] else gold_prefers_i == labeler_prefers_i
     return agree / max(total, 1)
 
 
@@ -792,8 +795,9 @@ def rank_main(argv) -> None:
         raise ValueError(f"{cfg.samples}: no prompt has 2 distinct non-empty responses; sample more per prompt")
     write_jsonl(cfg.out, records)
     agreement = labeler_agreement(records, random.Random(f"{cfg.seed}/agreement"), cfg.noise)
+    gold = gold_agreement(records)
     print(f"ranked {len(records)} prompts ({skipped} skipped: fewer than 2 distinct non-empty responses), "
-          f"labeler agreement {agreement:.3f}, gold judge agreement {gold_agreement(records):.3f} -> {cfg.out}")
+          f"labeler agreement {agreement:.3f}, gold judge agreement {gold:.3f} -> {cfg.out}")
 
 
 def main(argv=None) -> None:

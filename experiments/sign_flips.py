@@ -1,15 +1,18 @@
-"""What a sign error looks like in each stage, next to the correct code, on a finished run of train.sh.
+"""What a sign error looks like in each stage, next to the correct code, on a finished run of
+train.sh.
 
-Each error of FLIPS is one line of this repository with a sign flipped, the mistake a student makes. For
-each, the stage it breaks runs again with train.sh's own command line for that stage, from the run's
-inputs, in a copy of the repository with that one line changed; the table then puts the number
-docs/assignments.md tells students to watch for the run next to the same number for the flipped stage.
+Each error of FLIPS is one line of this repository with a sign flipped, the mistake a student makes.
+For each, the stage it breaks runs again with train.sh's own command line for that stage, from the
+run's inputs, in a copy of the repository with that one line changed; the table then puts the
+number docs/assignments.md tells students to watch for the run next to the same number for the
+flipped stage.
 
     CLASS=1 bash train.sh                                   # the reference run, in runs/
     CLASS=1 python -m experiments.sign_flips --runs runs    # about 4 more minutes on 2 cores
 
-Give the same preset variables (CLASS=1, QUICK=1 or none) as the run: the command lines are train.sh's,
-printed by a dry run of it. Writes RUNS/sign_flips/ (the flipped stages, logs, sign_flips.md)."""
+Give the same preset variables (CLASS=1, QUICK=1 or none) as the run: the command lines are
+train.sh's, printed by a dry run of it. Writes RUNS/sign_flips/ (the flipped stages, their logs and
+sign_flips.md)."""
 import json
 import os
 import shutil
@@ -28,16 +31,38 @@ ROOT = Path(__file__).resolve().parent.parent
 # One sign error per stage: name -> (file, the reference text, the same with the sign flipped, the
 # stages it breaks: train.sh's output directories)
 FLIPS = {
-    "sft": ("sft.py", "scaled = loss * mask.sum() / n_global", "scaled = -loss * mask.sum() / n_global",
-            ("base", "sft")),
+    "sft": ("sft.py", "scaled = loss * mask.sum() / n_global",
+            "scaled = -loss * mask.sum() / n_global", ("base", "sft")),
     "ranking_loss": ("reward.py", "diff = scores[:, :, None] - scores[:, None, :]",
                      "diff = scores[:, None, :] - scores[:, :, None]", ("rm",)),
-    "compute_rewards": ("ppo.py", "kl = (logprobs - ref_logprobs) * mask", "kl = (ref_logprobs - logprobs) * mask",
-                        ("ppo",)),
+    "compute_rewards": ("ppo.py", "kl = (logprobs - ref_logprobs) * mask",
+                        "kl = (ref_logprobs - logprobs) * mask", ("ppo",)),
     "ppo_losses": ("ppo.py", "torch.max(-advantages * ratio, -advantages * clipped_ratio)",
                    "torch.max(advantages * ratio, advantages * clipped_ratio)", ("ppo",)),
-    "ptx_loss": ("ppo.py", "_, loss = policy(x, y)\n    return loss", "_, loss = policy(x, y)\n    return -loss",
-                 ("ppo_ptx",)),
+    "ptx_loss": ("ppo.py", "_, loss = policy(x, y)\n    return loss",
+                 "_, loss = policy(x, y)\n    return -loss", ("ppo_ptx",)),
+}
+
+
+def first_last(v, digits=2):
+    return f"{v[0]:.{digits}f} -> {v[-1]:.{digits}f}"
+
+
+def first_last_5(v):  # the mean over the first 5 iterations -> over the last 5
+    return f"{sum(v[:5]) / 5:+.2f} -> {sum(v[-5:]) / 5:+.2f}"
+
+
+def mean_last(v):
+    return f"mean {sum(v) / len(v):+.2f}, last {v[-1]:+.2f}"
+
+
+# What docs/assignments.md tells students to watch, per error: (stage, metric, how it is shown).
+# ptx_loss's diagnostic, the loss on held-out text of PPO-ptx against PPO, is computed in rows().
+WATCH = {
+    "sft": [("base", "val_text_loss", first_last), ("sft", "val_loss", first_last)],
+    "ranking_loss": [("rm", "val_accuracy", lambda v: first_last(v, 3))],
+    "compute_rewards": [("ppo", "kl", mean_last)],
+    "ppo_losses": [("ppo", "score", first_last_5), ("ppo", "probe_score", first_last)],
 }
 
 
@@ -48,70 +73,71 @@ class SignFlipsConfig:
 
 
 def repository_copy(dest, flip=None):
-    """A copy of this repository in dest, with the sign error FLIPS[flip] if given."""
-    from tools.assignment import repo_files
+    """A copy of this repository in dest (new or empty), with the sign error FLIPS[flip] if
+    given."""
+    from tools.assignment import copy_repository
     dest = Path(dest)
-    for rel in repo_files(ROOT, skip=dest.resolve()):
-        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(ROOT / rel, dest / rel)
+    copy_repository(dest, ROOT)
     if flip:
         path, old, new, _ = FLIPS[flip]
         source = (dest / path).read_text()
         if source.count(old) != 1:
-            raise ValueError(f"{path} does not hold {old!r} exactly once: FLIPS flips lines of the reference "
-                         "code (in a student's copy, after --reference-into), and FLIPS needs updating if they moved")
+            raise ValueError(f"{path} does not hold {old!r} exactly once: FLIPS flips lines of the "
+                             "reference code (in a student's copy, after --reference-into), and "
+                             "needs updating if they moved")
         (dest / path).write_text(source.replace(old, new))
     return dest
 
 
 def stage_commands(runs):
-    """{output directory name: argv} of train.sh's training stages for this run directory, from a dry run
-    (PYTHON=echo, every stage forced) over an empty copy: the same preset variables as the environment."""
+    """{output directory name: argv} of train.sh's training stages for this run directory, from a
+    dry run (PYTHON=echo, every stage forced) over an empty directory: the preset variables are the
+    environment's."""
     runs = Path(runs).resolve()
     if " " in str(runs):
         raise ValueError(f"--runs {runs}: a path with a space is not supported")
     with tempfile.TemporaryDirectory() as tmp:
         for d in ("world", "base", "sft", "rankings", "rm", "ppo", "ppo_ptx", "ppo_gold", "eval"):
             (Path(tmp) / d).mkdir()  # where the dry run writes each stage's OUTPUT.inputs
-        for f in ("world/rankings_train.jsonl", "rankings/rankings_train.jsonl"):  # train.sh concatenates them
-            (Path(tmp) / f).touch()
+        for f in ("world/rankings_train.jsonl", "rankings/rankings_train.jsonl"):
+            (Path(tmp) / f).touch()  # train.sh concatenates them
         env = {**os.environ, "PYTHON": "echo", "FORCE": "1", "RUNS": tmp, "ALGOS": ""}
         env.pop("LAUNCH", None)
-        out = subprocess.run(["bash", str(ROOT / "train.sh")], env=env, capture_output=True, text=True)
+        dry_run = ["bash", str(ROOT / "train.sh")]
+        out = subprocess.run(dry_run, env=env, capture_output=True, text=True)
         if out.returncode:
             raise ValueError(f"the dry run of train.sh failed: {out.stderr.strip()[-500:]}")
         commands = {}
         for line in out.stdout.splitlines():
             argv = line.replace(tmp, str(runs)).split()
             if "--out-dir" in argv and argv[0].endswith(".py"):
-                commands[Path(argv[argv.index("--out-dir") + 1]).name] = argv
+                out_dir = Path(argv[argv.index("--out-dir") + 1])
+                commands[out_dir.name] = argv
     return commands
 
 
 def metric(path, key):
+    """The values of one metric in a metrics.jsonl, in step order."""
     return [r[key] for r in map(json.loads, Path(path).read_text().splitlines()) if key in r]
 
 
 def held_out_text_loss(ckpts, text_path):
     """evaluate.py's pretrain loss of each checkpoint on the same held-out windows."""
-    from data.formats import load_text
     from data.tokenizer import get_tokenizer
-    from evaluate import EvalConfig, pretrain_loss
+    from evaluate import EvalConfig, pretrain_loss, pretrain_windows
     from lib.common import load_checkpoint, model_from_checkpoint
     models = [model_from_checkpoint(load_checkpoint(c)).eval() for c in ckpts]
     tok = get_tokenizer(load_checkpoint(ckpts[0]).get("tokenizer", "byte"))
-    text = torch.tensor(tok.encode(load_text(text_path)))
-    L = min(models[0].config.block_size, len(text) - 1)
-    windows = torch.stack([text[i:i + L + 1] for i in range(0, len(text) - L, L)][:EvalConfig.pretrain_windows])
-    with torch.no_grad():
-        return [pretrain_loss(m, windows, 32) for m in models]
+    block_size = models[0].config.block_size
+    windows = pretrain_windows(tok, text_path, block_size, EvalConfig.pretrain_windows)
+    return [pretrain_loss(m, windows, 32) for m in models]
 
 
 def start_flipped(flip, stage, argv, out):
-    """Start train.sh's command argv of one stage in the repository copy with FLIPS[flip], writing to
-    out/FLIP_STAGE; PPO stages take one thread each, as in train.sh, to run side by side."""
+    """Start train.sh's command argv of one stage in the repository copy with FLIPS[flip], writing
+    to out/FLIP_STAGE; PPO stages take one thread each, as in train.sh, to run side by side."""
     repo = out / f"repo_{flip}"
-    if not repo.exists():  # a fresh copy per run of this script (main removes the old ones)
+    if not repo.exists():  # one copy per error and run of this script (main removes old ones)
         repository_copy(repo, flip)
     dest = out / f"{flip}_{stage}"
     shutil.rmtree(dest, ignore_errors=True)
@@ -120,53 +146,33 @@ def start_flipped(flip, stage, argv, out):
         env["OMP_NUM_THREADS"] = "1"
     args = [a for a in argv[1:] if a != "--overwrite"] + ["--out-dir", str(dest)]
     with open(out / f"{flip}_{stage}.log", "w") as log:
-        return subprocess.Popen([sys.executable, str(repo / argv[0]), *args], cwd=repo, env=env, stdout=log,
-                                stderr=subprocess.STDOUT)
+        return subprocess.Popen([sys.executable, str(repo / argv[0]), *args], cwd=repo, env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
 
 
 def wait(flip, stage, proc, out):
     if proc.wait():
-        raise SystemExit(f"error: {stage} with the {flip} sign error failed (exit code {proc.returncode}); "
-                         f"see {out}/{flip}_{stage}.log")
+        raise SystemExit(f"error: {stage} with the {flip} sign error failed (exit code "
+                         f"{proc.returncode}); see {out}/{flip}_{stage}.log")
 
 
 def rows(runs, out, names, commands):
-    """The table: per error, the diagnostic of the run and of the flipped stage."""
-    def ends(path, key, digits=2):
-        v = metric(path, key)
-        return f"{v[0]:.{digits}f} -> {v[-1]:.{digits}f}"
-
-    def score(path):  # mean over the first 5 iterations -> the last 5
-        v = metric(path, "score")
-        return f"{sum(v[:5]) / 5:+.2f} -> {sum(v[-5:]) / 5:+.2f}"
-
-    def kl(path):
-        v = metric(path, "kl")
-        return f"mean {sum(v) / len(v):+.2f}, last {v[-1]:+.2f}"
-
+    """The table: per error, each diagnostic of the run and of the flipped stage."""
     table = []
     for flip in names:
-        if flip == "sft":
-            for stage, key in (("base", "val_text_loss"), ("sft", "val_loss")):
-                table.append((flip, stage, key, ends(runs / stage / "metrics.jsonl", key),
-                              ends(out / f"sft_{stage}" / "metrics.jsonl", key)))
-        elif flip == "ranking_loss":
-            table.append((flip, "rm", "val_accuracy", ends(runs / "rm/metrics.jsonl", "val_accuracy", 3),
-                          ends(out / "ranking_loss_rm/metrics.jsonl", "val_accuracy", 3)))
-        elif flip == "compute_rewards":
-            table.append((flip, "ppo", "kl", kl(runs / "ppo/metrics.jsonl"),
-                          kl(out / "compute_rewards_ppo/metrics.jsonl")))
-        elif flip == "ppo_losses":
-            for key, fmt in (("score", score), ("probe_score", None)):
-                good, bad = runs / "ppo/metrics.jsonl", out / "ppo_losses_ppo/metrics.jsonl"
-                table.append((flip, "ppo", key, fmt(good) if fmt else ends(good, key),
-                              fmt(bad) if fmt else ends(bad, key)))
-        elif flip == "ptx_loss":
-            text = commands["ppo_ptx"][commands["ppo_ptx"].index("--ptx-data") + 1]
-            val = Path(text).with_name("pretrain_val.txt")
-            ppo, ptx, bad = held_out_text_loss([runs / "ppo/ckpt.pt", runs / "ppo_ptx/ckpt.pt",
-                                                out / "ptx_loss_ppo_ptx/ckpt.pt"], val if val.exists() else text)
-            table.append((flip, "ppo_ptx", f"held-out text loss (PPO's: {ppo:.3f})", f"{ptx:.3f}", f"{bad:.3f}"))
+        for stage, key, show in WATCH.get(flip, []):
+            good = metric(runs / stage / "metrics.jsonl", key)
+            bad = metric(out / f"{flip}_{stage}" / "metrics.jsonl", key)
+            table.append((flip, stage, key, show(good), show(bad)))
+        if flip == "ptx_loss":
+            argv = commands["ppo_ptx"]
+            text = Path(argv[argv.index("--ptx-data") + 1])
+            val = text.with_name("pretrain_val.txt")
+            flipped = out / "ptx_loss_ppo_ptx/ckpt.pt"
+            ckpts = [runs / "ppo/ckpt.pt", runs / "ppo_ptx/ckpt.pt", flipped]
+            ppo, ptx, bad = held_out_text_loss(ckpts, val if val.exists() else text)
+            label = f"held-out text loss (PPO's: {ppo:.3f})"
+            table.append((flip, "ppo_ptx", label, f"{ptx:.3f}", f"{bad:.3f}"))
     return table
 
 
@@ -180,7 +186,8 @@ def main(argv=None):
     for flip in names:
         for stage in FLIPS[flip][3]:
             if not (runs / stage / "ckpt.pt").exists():
-                raise FileNotFoundError(f"{runs / stage / 'ckpt.pt'}: run train.sh first (the same preset)")
+                ckpt = runs / stage / "ckpt.pt"
+                raise FileNotFoundError(f"{ckpt}: run train.sh first (the same preset)")
     out = runs / "sign_flips"
     out.mkdir(exist_ok=True)
     for flip in names:
@@ -197,7 +204,8 @@ def main(argv=None):
     print(f"== {', '.join(f for f, _, _ in ppo)}: PPO side by side", flush=True)
     for flip, stage, proc in ppo:
         wait(flip, stage, proc, out)
-    lines = ["| sign error | stage | diagnostic | the run | with the sign flipped |", "|---|---|---|---|---|"]
+    lines = ["| sign error | stage | diagnostic | the run | with the sign flipped |",
+             "|---|---|---|---|---|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows(runs, out, names, commands)]
     (out / "sign_flips.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -239,13 +239,18 @@ def test_quick_pipeline_end_to_end(tmp_path):
                            capture_output=True, text=True, timeout=300)
     nothing_ran = third.stdout.count(", skipped") == 15 and "rerun" not in third.stdout
     assert third.returncode == 0 and nothing_ran, third.stdout[-2000:] + third.stderr[-2000:]
-    # experiments.sign_flips on this run: the RM again in a copy with ranking_loss's sign flipped, from
-    # train.sh's own command line, and a table of the run's and the flipped stage's val_accuracy
-    flips = subprocess.run([sys.executable, "-m", "experiments.sign_flips", "--runs", str(tmp_path), "--only",
-                            "ranking_loss"], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    # experiments.sign_flips on this run: the RM again in a copy with ranking_loss's sign
+    # flipped, from train.sh's own command line, and a table of the run's and the flipped stage's
+    # val_accuracy
+    flip_cmd = [sys.executable, "-m", "experiments.sign_flips", "--runs", str(tmp_path),
+                "--only", "ranking_loss"]
+    flips = subprocess.run(flip_cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert flips.returncode == 0, flips.stdout[-2000:] + flips.stderr[-2000:]
-    row = next(line for line in flips.stdout.splitlines() if line.startswith("| ranking_loss | rm |"))
+    rows = flips.stdout.splitlines()
+    row = next(line for line in rows if line.startswith("| ranking_loss | rm |"))
     flipped = tmp_path / "sign_flips" / "ranking_loss_rm"
-    last = [r["val_accuracy"] for r in map(json.loads, open(flipped / "metrics.jsonl")) if "val_accuracy" in r][-1]
+    from experiments.sign_flips import metric
+    last = metric(flipped / "metrics.jsonl", "val_accuracy")[-1]
     assert float(row.split("->")[-1].strip(" |")) == pytest.approx(last, abs=5e-4)
-    assert "scores[:, None, :] - scores[:, :, None]" in (flipped.parent / "repo_ranking_loss/reward.py").read_text()
+    flipped_source = (flipped.parent / "repo_ranking_loss/reward.py").read_text()
+    assert "scores[:, None, :] - scores[:, :, None]" in flipped_source

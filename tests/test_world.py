@@ -11,8 +11,8 @@ import pytest
 from data.formats import load_prompts, load_rankings, load_sft, load_text, split_of, write_jsonl
 from data.judge import gold_score
 from data.world import (FAMILIES, KINDS, LABELER_NOISE, TEMPLATES, WorldConfig, candidates,
-                        demonstrate, generate, gold_agreement, gold_answer, labeler_agreement, main, pair_agreement,
-                        parse_prompt, sample_task, sample_tasks, simulated_ranking)
+                        demonstrate, generate, gold_agreement, gold_answer, labeler_agreement, main,
+                        pair_agreement, parse_prompt, sample_task, sample_tasks, simulated_ranking)
 
 SMALL = dict(pretrain_bytes=20_000, pretrain_val_bytes=2_000, sft_train=200, sft_val=50, rankings_train=100,
              rankings_val=30, ppo_prompts=100, val_prompts=30, test_prompts=60)
@@ -137,8 +137,8 @@ def test_labeler_model():
 
 
 def test_gold_agreement_is_the_gold_judge_s_pairwise_accuracy_on_rankings():
-    """gold_agreement: 1 on a ranking sorted by the gold score (a tie counts 1/2), 0 on its reverse, and
-    lower with noisier labelers."""
+    """gold_agreement: 1 on a ranking sorted by the gold score (a tie counts 1/2), 0 on its reverse,
+    and lower with noisier labelers."""
     rng = random.Random(1)
     t = sample_task(rng, FAMILIES)
     rs = candidates(t, 6, rng)
@@ -148,7 +148,8 @@ def test_gold_agreement_is_the_gold_judge_s_pairwise_accuracy_on_rankings():
     pairs = len(rs) * (len(rs) - 1) / 2
     sorted_by_gold = {"prompt": t.prompt, "responses": rs, "ranking": best_first}
     assert gold_agreement([sorted_by_gold]) == pytest.approx(1 - ties / 2 / pairs)
-    assert gold_agreement([{**sorted_by_gold, "ranking": best_first[::-1]}]) == pytest.approx(ties / 2 / pairs)
+    reversed_gold = {**sorted_by_gold, "ranking": best_first[::-1]}
+    assert gold_agreement([reversed_gold]) == pytest.approx(ties / 2 / pairs)
     tasks = [sample_task(rng, FAMILIES) for _ in range(200)]
     records = {noise: [{"prompt": t.prompt, "responses": (rs := candidates(t, 6, rng)),
                         "ranking": simulated_ranking(t.prompt, rs, rng, noise)} for t in tasks]

@@ -143,17 +143,25 @@ def reference_bodies(root, skip=None):
     return bodies
 
 
-def make_student_copy(out, root=ROOT):
-    """Copy the repository at root to out (new or empty) with every exercise stubbed. Returns the files
-    copied and {file: names of its exercises}."""
+def copy_repository(out, root=ROOT):
+    """Copy the repository at root to out (new or empty), byte for byte. Returns the files
+    copied."""
     out = Path(out).resolve()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} exists and is not an empty directory: give a new or empty one")
-    files, stubbed = list(repo_files(root, skip=out)), {}
+    files = list(repo_files(root, skip=out))
     for rel in files:
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(root / rel, out / rel)  # copy2 keeps the mode: train.sh stays executable
-        if rel.suffix == ".py" and (names := replace_bodies(out / rel)):
+    return files
+
+
+def make_student_copy(out, root=ROOT):
+    """Copy the repository at root to out (new or empty) with every exercise stubbed. Returns the
+    files copied and {file: names of its exercises}."""
+    files, stubbed = copy_repository(out, root), {}
+    for rel in files:
+        if rel.suffix == ".py" and (names := replace_bodies(Path(out) / rel)):
             stubbed[rel] = names
     return files, stubbed
 
